@@ -1,0 +1,99 @@
+"""`encode()` with sentence-transformers semantics, for any module that embeds rendered batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from sentence_transformers.quantization import quantize_embeddings
+from tqdm.auto import tqdm
+
+from .templates import EncodeInput, check_inputs, is_conversation
+
+if TYPE_CHECKING:
+    from .model import RetrievalModel
+
+PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
+
+
+def _resolve_prompt(model: RetrievalModel, prompt_name: str | None, prompt: str | None) -> str:
+    if prompt is not None:
+        return prompt
+    if prompt_name is None:
+        return ""
+    prompts = model.config.prompts or {}
+    if prompt_name not in prompts:
+        raise ValueError(f"prompt_name={prompt_name!r} is not among the head's prompts {sorted(prompts)}.")
+    return prompts[prompt_name]
+
+
+def encode(
+    model: RetrievalModel,
+    inputs: EncodeInput | Sequence[EncodeInput],
+    prompt_name: str | None = None,
+    prompt: str | None = None,
+    batch_size: int = 32,
+    show_progress_bar: bool | None = None,
+    output_value: Literal["sentence_embedding"] | None = "sentence_embedding",
+    precision: Literal["float32", "int8", "uint8", "binary", "ubinary"] = "float32",
+    convert_to_numpy: bool = True,
+    convert_to_tensor: bool = False,
+    device: str | torch.device | None = None,
+    normalize_embeddings: bool = False,
+    truncate_dim: int | None = None,
+    **kwargs: Any,
+) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
+    """Embed texts or conversations like `SentenceTransformer.encode` (see `RetrievalModel.encode`)."""
+    if kwargs:
+        raise TypeError(f"encode() got unexpected keyword arguments: {', '.join(sorted(kwargs))}.")
+    if output_value != "sentence_embedding":
+        raise ValueError(f"output_value={output_value!r} is not supported; a head only gives 'sentence_embedding'.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported; use one of {PRECISIONS}.")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    single = isinstance(inputs, str) or is_conversation(inputs)
+    items = [inputs] if single else list(inputs)
+    check_inputs(items)
+    if device is not None:
+        model.to(device)
+    text_prompt = _resolve_prompt(model, prompt_name, prompt)
+    dim = truncate_dim or model.config.output_dim
+
+    order = np.argsort([-_length(item) for item in items], kind="stable")
+    chunks: list[torch.Tensor] = []
+    if show_progress_bar is None:
+        show_progress_bar = False
+    for start in tqdm(range(0, len(items), batch_size), desc="Batches", disable=not show_progress_bar):
+        batch = [items[i] for i in order[start : start + batch_size]]
+        with torch.inference_mode():
+            embeddings = model.embed(batch, prompt=text_prompt)
+        chunks.append(embeddings)
+    embeddings = torch.cat(chunks) if chunks else torch.empty((0, model.config.output_dim))
+    embeddings = embeddings[torch.as_tensor(np.argsort(order), dtype=torch.long)] if len(items) else embeddings
+    embeddings = embeddings[:, :dim]
+    if normalize_embeddings:
+        embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+    return _convert(embeddings, single, precision, convert_to_numpy, convert_to_tensor)
+
+
+def _length(item: EncodeInput) -> int:
+    return len(item) if isinstance(item, str) else sum(len(m["content"]) for m in item)
+
+
+def _convert(
+    embeddings: torch.Tensor, single: bool, precision: str, convert_to_numpy: bool, convert_to_tensor: bool
+) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
+    embeddings = embeddings.float()
+    if precision != "float32":
+        quantized = quantize_embeddings(embeddings.cpu().numpy(), precision=precision)
+        embeddings = torch.from_numpy(quantized)
+    if convert_to_tensor:
+        return embeddings[0] if single else embeddings
+    if convert_to_numpy:
+        array = embeddings.cpu().numpy()
+        return array[0] if single else array
+    rows = list(embeddings)
+    return rows[0] if single else rows

@@ -1,0 +1,71 @@
+"""Loading a head from a folder or a Hub repo, with its base (resolved offline for embedded models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .defaults import load_base
+from .persistence import HeadFolderError, read_config, read_weights
+
+if TYPE_CHECKING:
+    from .model import RetrievalModel
+
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
+
+
+def resolve_head_folder(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
+    """A local folder as is (a local path always wins); otherwise the Hub repo's head files, downloaded."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise HeadFolderError(f"{path} is a file; give the folder written by save_pretrained().")
+    from .hub import download_head
+
+    return download_head(str(name_or_path), **hub_kwargs)
+
+
+def load_retrieval_model(
+    cls: type[RetrievalModel],
+    head_name_or_path: str | Path,
+    base_model: nn.Module | None = None,
+    tokenizer: Any = None,
+    config: Any = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **kwargs: Any,
+) -> RetrievalModel:
+    """Build base + head from a head folder/repo; `config` is accepted for transformers' Auto classes."""
+    hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+    for ignored in ("trust_remote_code", "_from_auto", "_from_pipeline", "adapter_kwargs"):
+        kwargs.pop(ignored, None)
+    if kwargs:
+        raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(sorted(kwargs))}.")
+    folder = resolve_head_folder(head_name_or_path, **hub_kwargs)
+    head_config = read_config(folder)
+    weights = read_weights(folder)
+    if base_model is None:
+        if not head_config.base_model_name_or_path:
+            raise HeadFolderError(f"{folder} names no base model; pass base_model= to from_pretrained().")
+        base_kwargs = {"dtype": dtype} if dtype is not None else {}
+        base_model, base_tokenizer = load_base(
+            head_config.base_model_name_or_path, head_config.revision, **base_kwargs
+        )
+        tokenizer = tokenizer or base_tokenizer
+        from .adapters import attach_recorded_adapter
+
+        base_model = attach_recorded_adapter(base_model, head_config)
+    if device is not None:
+        base_model.to(device)
+    model = cls(base_model, head_config, tokenizer=tokenizer)
+    missing, unexpected = model.head.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise HeadFolderError(
+            f"{folder} has weights that do not fit its config (missing: {missing}, unexpected: {unexpected}); "
+            "the folder was edited or written by another version. Re-save the head."
+        )
+    return model

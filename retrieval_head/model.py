@@ -1,0 +1,209 @@
+"""`RetrievalModel`: a frozen causal LM plus a trainable head that gives it `encode()`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.utils import PushToHubMixin
+
+from . import persistence
+from .config import RetrievalHeadConfig
+from .encode import encode
+from .head import ProjectionHead
+from .templates import EncodeInput, QueryRenderer
+
+logger = logging.getLogger(__name__)
+
+
+class BaseMismatchError(ValueError):
+    """The head was made for another base model than the one it is attached to."""
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def describe_base(model: nn.Module) -> dict[str, Any]:
+    """Architecture, hidden size, layer count and id of a causal LM, as a head config records them."""
+    config = base_of(model).config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    architectures = getattr(config, "architectures", None) or [type(base_of(model)).__name__]
+    return {
+        "base_architecture": architectures[0],
+        "base_hidden_size": int(text_config.hidden_size),
+        "base_num_layers": int(text_config.num_hidden_layers),
+        "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
+    }
+
+
+def check_base(config: RetrievalHeadConfig, model: nn.Module) -> None:
+    """Raise `BaseMismatchError` naming both sides when the head's recorded base differs from `model`."""
+    found = describe_base(model)
+    for key in ("base_architecture", "base_hidden_size", "base_num_layers"):
+        expected = getattr(config, key)
+        if expected is not None and expected != found[key]:
+            raise BaseMismatchError(
+                f"The head was trained on {config.base_model_name_or_path or 'a base'} with {key}={expected}, "
+                f"but it is attached to {found['base_model_name_or_path'] or 'a model'} with {key}={found[key]}. "
+                "Attach it to the base named in its config (RetrievalModel.from_pretrained loads it for you)."
+            )
+
+
+class RetrievalModel(nn.Module, PushToHubMixin):
+    """A causal LM (frozen, generation unchanged) with a projection head into a teacher's embedding space."""
+
+    config_class = RetrievalHeadConfig
+    base_model_prefix = "retrieval_head"
+
+    def __init__(self, base_model: nn.Module, config: RetrievalHeadConfig, tokenizer: Any = None) -> None:
+        super().__init__()
+        check_base(config, base_model)
+        for key, value in describe_base(base_model).items():
+            if getattr(config, key) is None:
+                setattr(config, key, value)
+        config.validate_fields()
+        if tokenizer is not None and config.query_template == "chat" and not getattr(tokenizer, "chat_template", None):
+            logger.warning("The tokenizer has no chat template; the head renders inputs as plain text.")
+            config.query_template = "plain"
+        self.config = config
+        self.base_model = base_model
+        self.base_model.requires_grad_(False)
+        self.base_model.eval()
+        self.tokenizer = tokenizer
+        self.layer_index = config.resolve_layer(config.base_num_layers)
+        self.head = ProjectionHead(config, config.base_hidden_size).to(self._base_device())
+        self.head.eval()
+
+    # --- devices and dtypes -------------------------------------------------------------------------
+    def _base_device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    @property
+    def device(self) -> torch.device:
+        return self._base_device()
+
+    def train(self, mode: bool = True) -> RetrievalModel:
+        """Only the head trains; the base stays in eval mode so its outputs (and generation) don't change."""
+        self.training = mode
+        self.head.train(mode)
+        self.base_model.eval()
+        return self
+
+    # --- the seams --------------------------------------------------------------------------------
+    @property
+    def renderer(self) -> QueryRenderer:
+        if self.tokenizer is None:
+            raise ValueError("This RetrievalModel has no tokenizer; pass tokenizer= to get_retrieval_model().")
+        return QueryRenderer(self.tokenizer, self.config)
+
+    def layer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Hidden states of the head's layer for tokenized input (one pass of the frozen base)."""
+        outputs = self.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False, **kwargs
+        )
+        return outputs.hidden_states[self.layer_index]
+
+    def embed_hidden_states(self, hidden_states: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
+        """Embeddings from states the base already computed ([B, T, H] at the head's layer) over a span mask."""
+        if span_mask.shape != hidden_states.shape[:2]:
+            raise ValueError(f"span_mask {tuple(span_mask.shape)} does not match states {tuple(hidden_states.shape)}.")
+        if not bool(span_mask.any(dim=1).all()):
+            raise ValueError("An input has an empty span: there are no tokens to pool. Give a non-empty span.")
+        return self.head(hidden_states.to(self.head_device), span_mask.to(self.head_device))
+
+    @property
+    def head_device(self) -> torch.device:
+        return next(self.head.parameters()).device
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, span_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embeddings [B, output_dim] for tokenized input; the span defaults to every attended token."""
+        states = self.layer_states(input_ids, attention_mask)
+        return self.embed_hidden_states(states, attention_mask if span_mask is None else span_mask)
+
+    def embed(self, items: Sequence[EncodeInput], prompt: str = "") -> torch.Tensor:
+        """Embeddings for a batch of texts or conversations, rendered with the head's template."""
+        renderer = self.renderer
+        batch = renderer.collate([renderer.render(item, prompt) for item in items], device=self.device)
+        return self.forward(**batch)
+
+    # --- sentence-transformers API ------------------------------------------------------------------
+    def encode(self, inputs: EncodeInput | Sequence[EncodeInput], **kwargs: Any) -> np.ndarray | torch.Tensor:
+        """Embed texts or conversations like `SentenceTransformer.encode`.
+
+        A string (or one conversation) gives a 1-D result, a list a 2-D one; see `retrieval_head.encode.encode`
+        for the arguments (`prompt_name`, `prompt`, `batch_size`, `show_progress_bar`, `precision`,
+        `convert_to_numpy`, `convert_to_tensor`, `device`, `normalize_embeddings`, `truncate_dim`).
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            return encode(self, inputs, **kwargs)
+        finally:
+            self.train(was_training)
+
+    def encode_query(self, inputs: EncodeInput | Sequence[EncodeInput], **kwargs: Any) -> np.ndarray | torch.Tensor:
+        """`encode` with the `query` prompt, as in sentence-transformers."""
+        if "query" in (self.config.prompts or {}) and "prompt" not in kwargs:
+            kwargs.setdefault("prompt_name", "query")
+        return self.encode(inputs, **kwargs)
+
+    def encode_document(
+        self, inputs: EncodeInput | Sequence[EncodeInput], **kwargs: Any
+    ) -> np.ndarray | torch.Tensor:
+        """`encode` with the `document` prompt. Documents are usually embedded by the teacher instead."""
+        if "document" in (self.config.prompts or {}) and "prompt" not in kwargs:
+            kwargs.setdefault("prompt_name", "document")
+        return self.encode(inputs, **kwargs)
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.config.output_dim
+
+    def similarity(self, a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Cosine similarity matrix, the teacher's similarity function for the heads we train."""
+        a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
+        return nn.functional.normalize(a, dim=-1) @ nn.functional.normalize(b, dim=-1).T
+
+    # --- generation is the base's -------------------------------------------------------------------
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's `generate`, untouched."""
+        return self.base_model.generate(*args, **kwargs)
+
+    # --- persistence ------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Path:
+        """Write the head (config.json + safetensors, head weights only) atomically; the base is referenced."""
+        from .saving import write_head_folder
+
+        return write_head_folder(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        head_name_or_path: str | Path,
+        base_model: nn.Module | None = None,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> RetrievalModel:
+        """Load a head from a folder or a Hub repo, with the base named in its config (or the one given)."""
+        from .loading import load_retrieval_model
+
+        return load_retrieval_model(cls, head_name_or_path, base_model=base_model, tokenizer=tokenizer, **kwargs)
+
+    def num_head_parameters(self) -> int:
+        return sum(p.numel() for p in self.head.parameters())
+
+
+def get_retrieval_model(
+    model: nn.Module, config: RetrievalHeadConfig, tokenizer: Any = None
+) -> RetrievalModel:
+    """Attach a fresh head to a causal LM (like `peft.get_peft_model`)."""
+    return RetrievalModel(model, config, tokenizer=tokenizer)
