@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from transformers import AutoConfig, AutoModel
 
 from .config import MODEL_TYPE, RetrievalHeadConfig
@@ -14,7 +16,5 @@ def register_auto_classes() -> None:
         AutoConfig.register(MODEL_TYPE, RetrievalHeadConfig)
     except ValueError:  # already registered
         pass
-    try:
+    with contextlib.suppress(ValueError):
         AutoModel.register(RetrievalHeadConfig, RetrievalModel)
-    except ValueError:
-        pass

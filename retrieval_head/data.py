@@ -14,8 +14,14 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 REQUIRED_FILES = ("corpus.jsonl", "queries.jsonl", "qrels.tsv")
-SPEAKER_ROLES = {"U": "user", "USER": "user", "S": "assistant", "SYSTEM": "assistant", "A": "assistant",
-                 "ASSISTANT": "assistant"}
+SPEAKER_ROLES = {
+    "U": "user",
+    "USER": "user",
+    "S": "assistant",
+    "SYSTEM": "assistant",
+    "A": "assistant",
+    "ASSISTANT": "assistant",
+}
 SplitBy = Literal["auto", "conversation", "document"]
 
 
@@ -44,7 +50,7 @@ class Query:
         """Chat messages (history, then the question as the last user message); consecutive turns of the
         same role are merged with a newline so templates that demand alternation accept them."""
         messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        for role, content in [*zip(self.roles(), self.history), ("user", self.text)]:
+        for role, content in [*zip(self.roles(), self.history, strict=True), ("user", self.text)]:
             if messages and messages[-1]["role"] == role:
                 messages[-1] = {"role": role, "content": messages[-1]["content"] + "\n" + content}
             else:
@@ -139,30 +145,34 @@ class RetrievalDataset:
         return out
 
     def to_hf_dataset(self, max_words: int | None = None) -> Any:
-        """Queries as a `datasets.Dataset` (id, text, history, history_speakers, flat_text, relevant_doc_ids)."""
+        """Queries as a `datasets.Dataset` (id, text, history, speakers, flat_text, relevant_doc_ids)."""
         import datasets
 
         rel = self.relevant_docs()
-        return datasets.Dataset.from_dict({
-            "id": [q.id for q in self.queries],
-            "text": [q.text for q in self.queries],
-            "history": [list(q.history) for q in self.queries],
-            "history_speakers": [list(q.history_speakers or ()) for q in self.queries],
-            "flat_text": [q.flat_text(max_words) for q in self.queries],
-            "relevant_doc_ids": [sorted(rel.get(q.id, ())) for q in self.queries],
-        })
+        return datasets.Dataset.from_dict(
+            {
+                "id": [q.id for q in self.queries],
+                "text": [q.text for q in self.queries],
+                "history": [list(q.history) for q in self.queries],
+                "history_speakers": [list(q.history_speakers or ()) for q in self.queries],
+                "flat_text": [q.flat_text(max_words) for q in self.queries],
+                "relevant_doc_ids": [sorted(rel.get(q.id, ())) for q in self.queries],
+            }
+        )
 
     def corpus_to_hf_dataset(self) -> Any:
         """Corpus as a `datasets.Dataset` (id, title, text, document = title + " " + text)."""
         import datasets
 
         ids = self.doc_ids
-        return datasets.Dataset.from_dict({
-            "id": ids,
-            "title": [self.corpus[d].get("title", "") for d in ids],
-            "text": [self.corpus[d].get("text", "") for d in ids],
-            "document": self.document_texts(ids),
-        })
+        return datasets.Dataset.from_dict(
+            {
+                "id": ids,
+                "title": [self.corpus[d].get("title", "") for d in ids],
+                "text": [self.corpus[d].get("text", "") for d in ids],
+                "document": self.document_texts(ids),
+            }
+        )
 
     def subset(self, query_ids: Sequence[str], name: str | None = None) -> RetrievalDataset:
         """A view with only these queries (in dataset order) and their qrels; the corpus is shared."""
@@ -234,8 +244,11 @@ class RetrievalDataset:
         random.Random(seed).shuffle(order)
         order.sort(key=lambda g: -len(groups[g]))  # stable: the shuffle orders groups of equal size
         n = len(self.queries)
-        targets = {"train": n * (1 - dev_fraction - test_fraction), "dev": n * dev_fraction,
-                   "test": n * test_fraction}
+        targets = {
+            "train": n * (1 - dev_fraction - test_fraction),
+            "dev": n * dev_fraction,
+            "test": n * test_fraction,
+        }
         members: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
         for g in order:
             side = max(members, key=lambda s: targets[s] - len(members[s]))
@@ -293,7 +306,10 @@ def _load_corpus(path: Path) -> dict[str, dict[str, str]]:
         doc_id = _str_field(path, lineno, rec, "id")
         if doc_id in corpus:
             raise DataFormatError(f"{path}:{lineno}: duplicate document id {doc_id!r}")
-        corpus[doc_id] = {"title": _str_field(path, lineno, rec, "title"), "text": _str_field(path, lineno, rec, "text")}
+        corpus[doc_id] = {
+            "title": _str_field(path, lineno, rec, "title"),
+            "text": _str_field(path, lineno, rec, "text"),
+        }
     return corpus
 
 
@@ -309,7 +325,7 @@ def _load_queries(path: Path) -> list[Query]:
         speakers = _str_list(path, lineno, rec, "history_speakers") if "history_speakers" in rec else None
         if speakers is not None and len(speakers) != len(history):
             raise DataFormatError(
-                f"{path}:{lineno}: history_speakers has {len(speakers)} entries but history has {len(history)}"
+                f"{path}:{lineno}: history_speakers has {len(speakers)} entries, history {len(history)}"
             )
         queries.append(Query(qid, _str_field(path, lineno, rec, "text"), history, speakers))
     return queries

@@ -92,7 +92,7 @@ class TeacherFingerprint:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            logger.warning("Ignoring unknown TeacherFingerprint keys %s (written by a newer version?)", unknown)
+            logger.warning("Ignoring unknown TeacherFingerprint keys %s (from a newer version?)", unknown)
         missing = sorted(names - set(data) - {"revision"})
         if missing:
             raise ValueError(f"TeacherFingerprint dict lacks {missing}; got keys {sorted(data)}")
@@ -102,7 +102,7 @@ class TeacherFingerprint:
         return cls(**kwargs)
 
     def differences(self, other: TeacherFingerprint) -> dict[str, tuple[Any, Any]]:
-        """Identity fields (dim, similarity, normalisation, checksum) whose values differ: name -> (self, other)."""
+        """Differing identity fields (dim, similarity, normalisation, checksum): name -> (self, other)."""
         return {
             name: (getattr(self, name), getattr(other, name))
             for name in IDENTITY_FIELDS
@@ -122,13 +122,15 @@ class TeacherFingerprint:
         diffs = self.differences(other)
         if not diffs:
             if (self.teacher_id, self.revision) != (other.teacher_id, other.revision):
-                logger.debug("Teacher names differ (%s vs %s) but embeddings match", self.describe(),
-                             other.describe())
+                logger.debug(
+                    "Teacher names differ (%s vs %s) but embeddings match", self.describe(), other.describe()
+                )
             return
-        detail = "; ".join(f"{name}: expected {mine!r}, {what} has {theirs!r}" for name, (mine, theirs) in diffs.items())
+        detail = "; ".join(f"{name}: expected {a!r}, {what} has {b!r}" for name, (a, b) in diffs.items())
         raise TeacherMismatchError(
             f"The {what} was built with teacher {other.describe()!r}, but the expected teacher is "
-            f"{self.describe()!r}; they differ in {detail}. Vectors from different teachers are not comparable. "
+            f"{self.describe()!r}; they differ in {detail}. "
+            "Vectors from different teachers are not comparable. "
             f"Fix: rebuild the {what} with the expected teacher (e.g. DocumentIndex.build(teacher, corpus)), "
             f"or load the head that was trained against {other.describe()!r}."
         )

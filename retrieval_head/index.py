@@ -1,4 +1,4 @@
-"""`DocumentIndex`: documents embedded once by the teacher, searched with faiss, tied to a teacher fingerprint.
+"""`DocumentIndex`: documents embedded once by the teacher, searched with faiss, tied to its fingerprint.
 
 Saved as `index.faiss` (faiss.write_index) + `index.json` (doc ids, kind, similarity, fingerprint); no pickle.
 """
@@ -40,7 +40,9 @@ def _documents(dataset_or_docs: Any) -> tuple[list[str], list[str]]:
             for v in dataset_or_docs.values()
         ]
         return ids, texts
-    raise TypeError(f"expected a RetrievalDataset or a mapping id -> text, got {type(dataset_or_docs).__name__}")
+    raise TypeError(
+        f"expected a RetrievalDataset or a mapping id -> text, not {type(dataset_or_docs).__name__}"
+    )
 
 
 class DocumentIndex:
@@ -57,11 +59,13 @@ class DocumentIndex:
         ef_search: int | None = None,
     ) -> None:
         if index.ntotal != len(doc_ids):
-            raise ValueError(f"faiss index holds {index.ntotal} vectors but {len(doc_ids)} doc ids were given")
+            raise ValueError(f"faiss index holds {index.ntotal} vectors but got {len(doc_ids)} doc ids")
         if len(set(doc_ids)) != len(doc_ids):
             raise ValueError("doc ids must be unique")
         if similarity_fn_name not in SUPPORTED_SIMILARITIES:
-            raise ValueError(f"similarity {similarity_fn_name!r} not supported; use one of {SUPPORTED_SIMILARITIES}")
+            raise ValueError(
+                f"similarity {similarity_fn_name!r} unsupported; use one of {SUPPORTED_SIMILARITIES}"
+            )
         self.index = index
         self.doc_ids = list(doc_ids)
         self.fingerprint = fingerprint
@@ -110,7 +114,7 @@ class DocumentIndex:
         if x.ndim != 2 or len(x) != len(doc_ids):
             raise ValueError(f"embeddings shape {x.shape} does not match {len(doc_ids)} doc ids")
         if fingerprint is not None and x.shape[1] != fingerprint.dim:
-            raise TeacherMismatchError(f"embeddings have dim {x.shape[1]}, the teacher fingerprint says {fingerprint.dim}")
+            raise TeacherMismatchError(f"embeddings have dim {x.shape[1]}, the teacher has {fingerprint.dim}")
         if sim == "cosine":
             x = np.ascontiguousarray(_normalize(x), dtype=np.float32)
         dim = x.shape[1]
@@ -125,8 +129,15 @@ class DocumentIndex:
         else:
             raise ValueError(f"kind must be 'flat', 'hnsw' or 'ivf', got {kind!r}")
         index.add(x)
-        return cls(index, doc_ids, fingerprint, kind=kind, similarity_fn_name=sim,
-                   nprobe=nprobe if kind == "ivf" else None, ef_search=ef_search if kind == "hnsw" else None)
+        return cls(
+            index,
+            doc_ids,
+            fingerprint,
+            kind=kind,
+            similarity_fn_name=sim,
+            nprobe=nprobe if kind == "ivf" else None,
+            ef_search=ef_search if kind == "hnsw" else None,
+        )
 
     @classmethod
     def build(
@@ -149,9 +160,17 @@ class DocumentIndex:
             fingerprint.check_matches(measured, what="teacher passed to DocumentIndex.build")
         ids, texts = _documents(dataset_or_docs)
         encode = getattr(teacher, "encode_document", None) or teacher.encode
-        embeddings = encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=show_progress_bar)
-        return cls.from_embeddings(embeddings, ids, fingerprint or measured, kind=kind,
-                                   similarity_fn_name=measured.similarity_fn_name, **kind_options)
+        embeddings = encode(
+            texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=show_progress_bar
+        )
+        return cls.from_embeddings(
+            embeddings,
+            ids,
+            fingerprint or measured,
+            kind=kind,
+            similarity_fn_name=measured.similarity_fn_name,
+            **kind_options,
+        )
 
     def search(self, query_embeddings: Any, k: int = 10) -> tuple[np.ndarray, list[list[str]]]:
         """Top-k (scores, doc ids) per query. Cosine indexes normalise the queries first.
@@ -159,7 +178,9 @@ class DocumentIndex:
         Scores are (n_queries, min(k, len)) floats; an approximate index may find fewer than k documents for
         a query: its id list is then shorter and the scores past it are -inf.
         """
-        q = query_embeddings.detach().float().cpu().numpy() if hasattr(query_embeddings, "detach") else query_embeddings
+        q = query_embeddings
+        if hasattr(q, "detach"):
+            q = q.detach().float().cpu().numpy()
         q = np.asarray(q, dtype=np.float32)
         if q.ndim == 1:
             q = q[None, :]
@@ -209,11 +230,20 @@ class DocumentIndex:
             raise FileNotFoundError(f"{path}: missing {', '.join(missing)}; not a DocumentIndex folder")
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
         if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path / META_FILE} has format_version {meta['format_version']} > {FORMAT_VERSION}")
+            raise ValueError(
+                f"{path / META_FILE}: format_version {meta['format_version']} > {FORMAT_VERSION}"
+            )
         index = faiss.read_index(str(path / INDEX_FILE))
         teacher = TeacherFingerprint.from_dict(meta["teacher"]) if meta.get("teacher") else None
-        out = cls(index, meta["doc_ids"], teacher, kind=meta["kind"], similarity_fn_name=meta["similarity_fn_name"],
-                  nprobe=meta.get("nprobe"), ef_search=meta.get("ef_search"))
+        out = cls(
+            index,
+            meta["doc_ids"],
+            teacher,
+            kind=meta["kind"],
+            similarity_fn_name=meta["similarity_fn_name"],
+            nprobe=meta.get("nprobe"),
+            ef_search=meta.get("ef_search"),
+        )
         if expected_teacher is not None:
             out.check_teacher(expected_teacher)
         return out

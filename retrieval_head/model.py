@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from transformers.utils import PushToHubMixin
 
-from . import persistence
 from .config import RetrievalHeadConfig
 from .encode import encode
 from .head import ProjectionHead

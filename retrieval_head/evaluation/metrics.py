@@ -30,12 +30,12 @@ def rank_scores(
     """Top-k doc ids per query from a (queries x docs) score matrix, ties broken by ascending doc id."""
     matrix = np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores, dtype=np.float64)
     if matrix.shape != (len(query_ids), len(doc_ids)):
-        raise ValueError(f"scores shape {matrix.shape} != (queries, docs) = ({len(query_ids)}, {len(doc_ids)})")
+        raise ValueError(f"scores shape {matrix.shape} != (queries, docs) ({len(query_ids)}, {len(doc_ids)})")
     id_rank = np.empty(len(doc_ids), dtype=np.int64)
     id_rank[np.argsort(np.asarray(doc_ids, dtype=object), kind="stable")] = np.arange(len(doc_ids))
     k = min(k, len(doc_ids))
     ranked = {}
-    for qid, row in zip(query_ids, matrix):
+    for qid, row in zip(query_ids, matrix, strict=True):
         threshold = np.partition(row, len(row) - k)[len(row) - k]  # k-th largest; keep every tie with it
         cand = np.flatnonzero(row >= threshold)
         order = cand[np.lexsort((id_rank[cand], -row[cand]))][:k]
@@ -45,7 +45,7 @@ def rank_scores(
 
 def sort_hits(doc_ids: Sequence[str], scores: Sequence[float]) -> list[str]:
     """Doc ids re-sorted by (-score, doc id), e.g. to make an index's tie order match the definitions."""
-    return [d for _, d in sorted(zip((-float(s) for s in scores), doc_ids))]
+    return [d for _, d in sorted(zip((-float(s) for s in scores), doc_ids, strict=True))]
 
 
 def _relevant(qrels: Mapping[str, Any], qid: str) -> set[str]:
@@ -108,8 +108,9 @@ def retrieval_metrics(
     `doc_ids`), a mapping query id -> ranked doc ids, or a sequence of ranked lists aligned with `query_ids`.
     Raises ValueError when no query can be evaluated (rather than returning NaN).
     """
-    ranked = as_ranked(scores_or_ranked_ids, query_ids, doc_ids, max(
-        [*recall_at, *mrr_at, *ndcg_at, *accuracy_at, 1]))
+    ranked = as_ranked(
+        scores_or_ranked_ids, query_ids, doc_ids, max([*recall_at, *mrr_at, *ndcg_at, *accuracy_at, 1])
+    )
     per_query = per_query_metrics(ranked, qrels, recall_at, mrr_at, ndcg_at, accuracy_at)
     if not per_query:
         raise ValueError(
@@ -135,7 +136,7 @@ def as_ranked(
     lists = list(scores_or_ranked_ids)
     if len(lists) != len(query_ids):
         raise ValueError(f"{len(lists)} ranked lists for {len(query_ids)} query ids")
-    return {q: list(v) for q, v in zip(query_ids, lists)}
+    return {q: list(v) for q, v in zip(query_ids, lists, strict=True)}
 
 
 def retention(head_metrics: Mapping[str, float], teacher_metrics: Mapping[str, float]) -> dict[str, float]:
