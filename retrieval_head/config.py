@@ -53,6 +53,10 @@ class RetrievalHeadConfig(PretrainedConfig):
         default=None, metadata={"help": "PEFT adapter on the base the head was trained with, if any."}
     )
     adapter_revision: str | None = field(default=None, metadata={"help": "Revision of that adapter."})
+    adapter_checksum: str | None = field(
+        default=None,
+        metadata={"help": "sha256 of that adapter's weights (bf16-rounded) + scaling; checked on attach."},
+    )
     layer: int = field(
         default=-1,
         metadata={"help": "Hidden layer the head reads: 0 = embeddings, 1..L = blocks, negative counts from the end."},
@@ -167,7 +171,10 @@ class RetrievalHeadConfig(PretrainedConfig):
             )
         data.pop("model_type")
         data.pop("architectures", None)
-        return cls(**data)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:  # name the file as well as the field
+            raise ValueError(f"{path}: {err}") from err
 
 
 _OWN_FIELDS = frozenset(

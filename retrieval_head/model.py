@@ -15,7 +15,7 @@ from transformers.utils import PushToHubMixin
 from .config import RetrievalHeadConfig
 from .encode import encode
 from .head import ProjectionHead
-from .templates import EncodeInput, QueryRenderer
+from .templates import EncodeInput, QueryRenderer, context_length
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,12 @@ def describe_base(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def check_base(config: RetrievalHeadConfig, model: nn.Module) -> None:
-    """Raise `BaseMismatchError` naming both sides when the head's recorded base differs from `model`."""
+def check_base(config: RetrievalHeadConfig, model: nn.Module, allow_merged: bool = False) -> None:
+    """Raise `BaseMismatchError` naming both sides when the head's recorded base differs from `model`.
+
+    Also raises `adapters.AdapterMismatchError` (a `BaseMismatchError`) when the model carries another PEFT
+    adapter than the one the head recorded, or none (`allow_merged=True` accepts one merged into the base).
+    """
     found = describe_base(model)
     for key in ("base_architecture", "base_hidden_size", "base_num_layers"):
         expected = getattr(config, key)
@@ -54,6 +58,9 @@ def check_base(config: RetrievalHeadConfig, model: nn.Module) -> None:
                 f"but it is attached to {found['base_model_name_or_path'] or 'a model'} with {key}={found[key]}. "
                 "Attach it to the base named in its config (RetrievalModel.from_pretrained loads it for you)."
             )
+    from .adapters import check_adapter  # lazy: adapters imports this module
+
+    check_adapter(config, model, allow_merged=allow_merged)
 
 
 class RetrievalModel(nn.Module, PushToHubMixin):
@@ -62,12 +69,19 @@ class RetrievalModel(nn.Module, PushToHubMixin):
     config_class = RetrievalHeadConfig
     base_model_prefix = "retrieval_head"
 
-    def __init__(self, base_model: nn.Module, config: RetrievalHeadConfig, tokenizer: Any = None) -> None:
+    def __init__(
+        self, base_model: nn.Module, config: RetrievalHeadConfig, tokenizer: Any = None, allow_merged: bool = False
+    ) -> None:
         super().__init__()
-        check_base(config, base_model)
+        from .adapters import record_adapter
+
+        fresh = config.base_architecture is None  # never attached: record the base and adapter it meets now
+        check_base(config, base_model, allow_merged=allow_merged)
         for key, value in describe_base(base_model).items():
             if getattr(config, key) is None:
                 setattr(config, key, value)
+        if fresh:
+            record_adapter(config, base_model, allow_merged=allow_merged)
         config.validate_fields()
         if tokenizer is not None and config.query_template == "chat" and not getattr(tokenizer, "chat_template", None):
             logger.warning("The tokenizer has no chat template; the head renders inputs as plain text.")
@@ -101,7 +115,7 @@ class RetrievalModel(nn.Module, PushToHubMixin):
     def renderer(self) -> QueryRenderer:
         if self.tokenizer is None:
             raise ValueError("This RetrievalModel has no tokenizer; pass tokenizer= to get_retrieval_model().")
-        return QueryRenderer(self.tokenizer, self.config)
+        return QueryRenderer(self.tokenizer, self.config, context_length=context_length(base_of(self.base_model)))
 
     def layer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Hidden states of the head's layer for tokenized input (one pass of the frozen base)."""
@@ -183,6 +197,32 @@ class RetrievalModel(nn.Module, PushToHubMixin):
         from .saving import write_head_folder
 
         return write_head_folder(self, save_directory, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        exist_ok: bool = True,
+        overwrite_card: bool = False,
+    ) -> Any:
+        """Upload the head's files (config, safetensors, sentence-transformers files, card) in one commit.
+
+        Overrides `PushToHubMixin.push_to_hub`, which would replace our rendered card with the repo's README
+        (or transformers' blank template). Here an existing README keeps its text outside our section unless
+        `overwrite_card=True`. Returns the `huggingface_hub.CommitInfo` (a str: the commit URL).
+        """
+        from .hub import push_head
+
+        return push_head(
+            self, repo_id, commit_message=commit_message, commit_description=commit_description, private=private,
+            token=token, revision=revision, create_pr=create_pr, exist_ok=exist_ok, overwrite_card=overwrite_card,
+        )
 
     @classmethod
     def from_pretrained(
