@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from sentence_transformers.quantization import quantize_embeddings
 from tqdm.auto import tqdm
 
 from .templates import EncodeInput, check_inputs, is_conversation
@@ -88,6 +87,8 @@ def _convert(
 ) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
     embeddings = embeddings.float()
     if precision != "float32":
+        from sentence_transformers.quantization import quantize_embeddings
+
         quantized = quantize_embeddings(embeddings.cpu().numpy(), precision=precision)
         embeddings = torch.from_numpy(quantized)
     if convert_to_tensor:

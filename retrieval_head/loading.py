@@ -37,6 +37,7 @@ def load_retrieval_model(
     config: Any = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    allow_merged: bool = False,
     **kwargs: Any,
 ) -> RetrievalModel:
     """Build base + head from a head folder/repo; `config` is accepted for transformers' Auto classes."""
@@ -52,6 +53,7 @@ def load_retrieval_model(
         if not head_config.base_model_name_or_path:
             raise HeadFolderError(f"{folder} names no base model; pass base_model= to from_pretrained().")
         base_kwargs = {"dtype": dtype} if dtype is not None else {}
+        base_kwargs.update({k: v for k, v in hub_kwargs.items() if k in ("token", "cache_dir", "local_files_only")})
         base_model, base_tokenizer = load_base(
             head_config.base_model_name_or_path, head_config.revision, **base_kwargs
         )
@@ -61,7 +63,7 @@ def load_retrieval_model(
         base_model = attach_recorded_adapter(base_model, head_config)
     if device is not None:
         base_model.to(device)
-    model = cls(base_model, head_config, tokenizer=tokenizer)
+    model = cls(base_model, head_config, tokenizer=tokenizer, allow_merged=allow_merged)
     missing, unexpected = model.head.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise HeadFolderError(

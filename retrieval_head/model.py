@@ -242,7 +242,7 @@ class RetrievalModel(nn.Module, PushToHubMixin):
 
 
 def get_retrieval_model(
-    model: nn.Module, config: RetrievalHeadConfig, tokenizer: Any = None
+    model: nn.Module, config: RetrievalHeadConfig, tokenizer: Any = None, allow_merged: bool = False
 ) -> RetrievalModel:
     """Attach a fresh head to a causal LM (like `peft.get_peft_model`)."""
-    return RetrievalModel(model, config, tokenizer=tokenizer)
+    return RetrievalModel(model, config, tokenizer=tokenizer, allow_merged=allow_merged)

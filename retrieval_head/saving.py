@@ -5,19 +5,44 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .modelcard import CARD_NAME, write_card
 from .persistence import save_head, write_folder_atomically
+from .sentence_transformers_modules import sentence_transformers_files
 
 if TYPE_CHECKING:
     from .model import RetrievalModel
 
 
-def write_head_folder(model: RetrievalModel, save_directory: str | Path, **kwargs: Any) -> Path:
-    """Atomically write the head's files into `save_directory` (the base is referenced, never copied)."""
+def write_head_folder(
+    model: RetrievalModel,
+    save_directory: str | Path,
+    *,
+    repo_id: str | None = None,
+    existing_card: str | None = None,
+    overwrite_card: bool = False,
+    **kwargs: Any,
+) -> Path:
+    """Atomically write the head's files into `save_directory` (the base is referenced, never copied).
+
+    Files: `config.json` + `retrieval_head.safetensors` (the head), `modules.json` +
+    `config_sentence_transformers.json` (so `SentenceTransformer(folder)` loads it) and `README.md` (the card).
+    A README already in the folder (or `existing_card`) is updated, keeping the text outside our section,
+    unless `overwrite_card=True`. `repo_id` names the repo in the card's usage snippets.
+    """
     if kwargs:
         raise TypeError(f"save_pretrained() got unexpected keyword arguments: {', '.join(sorted(kwargs))}.")
     state = model.head.state_dict()
+    target = Path(save_directory)
+    if existing_card is None and not overwrite_card and (target / CARD_NAME).is_file():
+        existing_card = (target / CARD_NAME).read_text(encoding="utf-8")
 
     def write(folder: Path) -> None:
         save_head(folder, model.config, state)
+        for name, text in sentence_transformers_files(model.config).items():
+            (folder / name).write_text(text, encoding="utf-8")
+        write_card(
+            folder, model.config, existing=None if overwrite_card else existing_card, repo_id=repo_id,
+            num_head_parameters=model.num_head_parameters(),
+        )
 
-    return write_folder_atomically(save_directory, write)
+    return write_folder_atomically(target, write)
