@@ -251,7 +251,7 @@ class RetrievalDataset:
         }
         members: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
         for g in order:
-            side = max(members, key=lambda s: targets[s] - len(members[s]))
+            side = max((s for s in members if targets[s] > 0), key=lambda s: targets[s] - len(members[s]))
             members[side].extend(groups[g])
         for side, fraction in (("train", 1.0), ("dev", dev_fraction), ("test", test_fraction)):
             if fraction > 0 and not members[side]:

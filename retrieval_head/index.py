@@ -64,7 +64,7 @@ class DocumentIndex:
             raise ValueError("doc ids must be unique")
         if similarity_fn_name not in SUPPORTED_SIMILARITIES:
             raise ValueError(
-                f"similarity {similarity_fn_name!r} unsupported; use one of {SUPPORTED_SIMILARITIES}"
+                f"similarity {similarity_fn_name!r} not supported; use one of {SUPPORTED_SIMILARITIES}"
             )
         self.index = index
         self.doc_ids = list(doc_ids)

@@ -15,15 +15,28 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 def write_folder(path: Path, corpus=None, queries=None, qrels=None) -> Path:
     """A small valid dataset folder; pass a str to replace a file's raw content, None to keep the default."""
     path.mkdir(parents=True, exist_ok=True)
-    corpus = corpus if corpus is not None else [
-        {"id": "d1", "title": "Alpha", "text": "first doc"},
-        {"id": "d2", "title": "", "text": "second doc "},
-        {"id": "d3", "title": "Gamma", "text": "third doc"},
-    ]
-    queries = queries if queries is not None else [
-        {"id": "q1", "text": "which first?", "history": []},
-        {"id": "q2", "text": "and the second?", "history": ["hi", "hello"], "history_speakers": ["U", "S"]},
-    ]
+    corpus = (
+        corpus
+        if corpus is not None
+        else [
+            {"id": "d1", "title": "Alpha", "text": "first doc"},
+            {"id": "d2", "title": "", "text": "second doc "},
+            {"id": "d3", "title": "Gamma", "text": "third doc"},
+        ]
+    )
+    queries = (
+        queries
+        if queries is not None
+        else [
+            {"id": "q1", "text": "which first?", "history": []},
+            {
+                "id": "q2",
+                "text": "and the second?",
+                "history": ["hi", "hello"],
+                "history_speakers": ["U", "S"],
+            },
+        ]
+    )
     qrels = qrels if qrels is not None else "q1\td1\t1\nq2\td2\t1\nq2\td3\t0\n"
     for name, content in (("corpus.jsonl", corpus), ("queries.jsonl", queries), ("qrels.tsv", qrels)):
         text = content if isinstance(content, str) else "".join(json.dumps(r) + "\n" for r in content)
@@ -60,9 +73,15 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"corpus": '{"id": "d1", "text": "x"}\n{"id": "d2", "text": \n'}, r"corpus\.jsonl:2: malformed JSON"),
-        ({"queries": '{"id": "q1", "text": "x"}\n\n{"id": "q2"}\n'}, r"queries\.jsonl:3: missing field.*text"),
-        ({"queries": '[1, 2]\n'}, r"queries\.jsonl:1: expected a JSON object"),
+        (
+            {"corpus": '{"id": "d1", "text": "x"}\n{"id": "d2", "text": \n'},
+            r"corpus\.jsonl:2: malformed JSON",
+        ),
+        (
+            {"queries": '{"id": "q1", "text": "x"}\n\n{"id": "q2"}\n'},
+            r"queries\.jsonl:3: missing field.*text",
+        ),
+        ({"queries": "[1, 2]\n"}, r"queries\.jsonl:1: expected a JSON object"),
         ({"corpus": ""}, r"corpus\.jsonl: file is empty"),
         ({"qrels": "\n"}, r"qrels\.tsv: file is empty"),
         ({"qrels": "q1\td1\t1\nq9\td1\t1\n"}, r"qrels\.tsv:2: query id 'q9'"),
@@ -83,7 +102,12 @@ def test_malformed_input_errors_name_file_and_line(tmp_path: Path, kwargs: dict,
 
 
 def test_as_messages_uses_speakers_and_ends_with_the_question() -> None:
-    q = Query("val-1", "Is it quiet?", ("Find a hotel", "Hobsons House fits.", "Book it", "Done."), ("U", "S", "U", "S"))
+    q = Query(
+        "val-1",
+        "Is it quiet?",
+        ("Find a hotel", "Hobsons House fits.", "Book it", "Done."),
+        ("U", "S", "U", "S"),
+    )
     assert q.as_messages() == [
         {"role": "user", "content": "Find a hotel"},
         {"role": "assistant", "content": "Hobsons House fits."},
@@ -187,3 +211,13 @@ def test_subset_rejects_unknown_ids(tmp_path: Path) -> None:
     assert ds.subset(["q2"]).query_ids == ["q2"]
     with pytest.raises(KeyError, match="nope"):
         ds.subset(["nope"])
+
+
+def test_zero_fraction_sides_stay_empty() -> None:
+    corpus = {f"d{i}": {"title": "", "text": "x"} for i in range(10)}
+    ds = RetrievalDataset(
+        corpus, [Query(f"q{i}", "t") for i in range(10)], {f"q{i}": {f"d{i}": 1} for i in range(10)}
+    )
+    for seed in range(20):
+        assert len(ds.split(0.0, 0.25, seed=seed).dev) == 0
+        assert len(ds.split(0.15, 0.0, seed=seed).test) == 0

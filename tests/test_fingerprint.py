@@ -38,7 +38,9 @@ class FakeTeacher:
 
 
 def test_fingerprint_fields_from_fake_teacher() -> None:
-    fp = TeacherFingerprint.from_sentence_transformer(FakeTeacher(), teacher_id="fake/teacher", revision="abc")
+    fp = TeacherFingerprint.from_sentence_transformer(
+        FakeTeacher(), teacher_id="fake/teacher", revision="abc"
+    )
     assert fp.teacher_id == "fake/teacher" and fp.revision == "abc"
     assert fp.dim == 8 and fp.similarity_fn_name == "cosine" and fp.normalized is True
     assert len(fp.probe_checksum) == 64
@@ -108,7 +110,9 @@ def test_minilm_fingerprint_is_stable() -> None:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(minilm_path()), device="cpu")
-    a = TeacherFingerprint.from_sentence_transformer(model, teacher_id="sentence-transformers/all-MiniLM-L6-v2")
+    a = TeacherFingerprint.from_sentence_transformer(
+        model, teacher_id="sentence-transformers/all-MiniLM-L6-v2"
+    )
     b = TeacherFingerprint.from_sentence_transformer(model)
     assert (a.dim, a.similarity_fn_name, a.normalized) == (384, "cosine", True)
     a.check_matches(b)

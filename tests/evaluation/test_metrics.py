@@ -1,4 +1,4 @@
-"""Metrics: hand-computed cases and a cross-check against sentence-transformers' InformationRetrievalEvaluator."""
+"""Metrics: hand-computed cases and a cross-check against sentence-transformers' IR evaluator."""
 
 from __future__ import annotations
 
@@ -100,7 +100,9 @@ def test_matches_sentence_transformers_information_retrieval_evaluator() -> None
     # small integer vectors -> exact score ties, so the tie-breaking rule is exercised too
     q_emb = rng.integers(-2, 3, size=(n_q, 4)).astype(np.float32)
     d_emb = rng.integers(-2, 3, size=(n_d, 4)).astype(np.float32)
-    qrels = {q: {d: 1 for d in rng.choice(doc_ids, size=rng.integers(1, 5), replace=False)} for q in query_ids}
+    qrels = {
+        q: {d: 1 for d in rng.choice(doc_ids, size=rng.integers(1, 5), replace=False)} for q in query_ids
+    }
     qrels["q0"] = {}  # a query with no relevant docs is skipped by both
     ks = [1, 5, 10, 100]
     evaluator = InformationRetrievalEvaluator(
