@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 from .config import RetrievalHeadConfig
 
 Message = dict[str, str]
-EncodeInput = Union[str, Sequence[Message]]
+EncodeInput = str | Sequence[Message]
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,24 @@ def check_inputs(items: Sequence[Any]) -> None:
             )
 
 
+def context_length(model: Any) -> int | None:
+    """The most positions a (transformers) causal LM reads, from its config, or None when it does not say."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 class QueryRenderer:
     """Turns texts and conversations into token ids + spans under a head config's template."""
 
-    def __init__(self, tokenizer: Any, config: RetrievalHeadConfig) -> None:
+    def __init__(self, tokenizer: Any, config: RetrievalHeadConfig, context_length: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.config = config
+        # Tokens kept per input: the config's max_length, capped at the base's context (positions beyond it
+        # crash models with learned position embeddings, e.g. GPT-2).
+        self.max_length = min(config.max_length, context_length) if context_length else config.max_length
         if config.query_template == "chat" and not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 "query_template='chat' but the tokenizer has no chat template; set "
@@ -100,7 +112,7 @@ class QueryRenderer:
         if not ids:  # an empty plain text: read one special token, as an empty sentence reads [CLS]
             ids = [next(t for t in self._special_ids() if t is not None)]
             start, end = 0, 1
-        max_length = self.config.max_length
+        max_length = self.max_length
         end = min(end, start + max_length)
         first = max(0, end - max_length)
         ids = ids[first:end]
