@@ -59,6 +59,8 @@ def encode(
     if device is not None:
         model.to(device)
     text_prompt = _resolve_prompt(model, prompt_name, prompt)
+    if truncate_dim is not None and not 0 < truncate_dim <= model.config.output_dim:
+        raise ValueError(f"truncate_dim must be in [1, {model.config.output_dim}], got {truncate_dim}.")
     dim = truncate_dim or model.config.output_dim
 
     order = np.argsort([-_length(item) for item in items], kind="stable")

@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - sentence-transformers 5.x
 from .config import RetrievalHeadConfig
 from .head import ProjectionHead
 from .persistence import read_config, read_weights, save_head
-from .templates import QueryRenderer, check_inputs
+from .templates import QueryRenderer, check_inputs, context_length
 from .version import __version__
 
 MODULES_NAME = "modules.json"
@@ -64,7 +64,7 @@ class RetrievalHeadInput(InputModule):
         self.config = config
         self.auto_model = base_model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.renderer = QueryRenderer(tokenizer, config)
+        self.renderer = QueryRenderer(tokenizer, config, context_length=context_length(base_model))
         self.layer_index = config.resolve_layer(config.base_num_layers)
         self.max_seq_length = config.max_length
 

@@ -33,7 +33,8 @@ def is_conversation(item: Any) -> bool:
     return (
         isinstance(item, (list, tuple))
         and len(item) > 0
-        and all(isinstance(m, dict) and "role" in m and "content" in m for m in item)
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in item)
     )
 
 
