@@ -93,7 +93,7 @@ class RetrievalModel(nn.Module, PushToHubMixin):
         self.tokenizer = tokenizer
         self.layer_index = config.resolve_layer(config.base_num_layers)
         self.head = ProjectionHead(config, config.base_hidden_size).to(self._base_device())
-        self.head.eval()
+        self.train(False)  # inference by default: head in eval mode, as encode() expects
 
     # --- devices and dtypes -------------------------------------------------------------------------
     def _base_device(self) -> torch.device:
