@@ -1,0 +1,17 @@
+"""Training a retrieval head: recipes, cached examples, the accelerate trainer, the probe and the main job."""
+
+from .recipe import Recipe, RecipeError, RecipeMismatchError, check_resumable, diff_recipes
+from .trainer import TeacherDimError, Trainer, TrainingStopped, TrainResult, train
+
+__all__ = [
+    "Recipe",
+    "RecipeError",
+    "RecipeMismatchError",
+    "TeacherDimError",
+    "TrainResult",
+    "Trainer",
+    "TrainingStopped",
+    "check_resumable",
+    "diff_recipes",
+    "train",
+]

@@ -1,0 +1,273 @@
+"""Training examples: LM features (cached), teacher query embeddings and teacher top-k documents, per source.
+
+A *source* is one bundled dataset (its queries, split train/dev/test by conversation or gold document), the
+corpus sentences of a dataset used as extra label-free texts, or a plain text file. Every example has
+
+- the head's weight-free input (pooled features of one layer, or the span tokens of one layer),
+- the teacher's embedding of the same query (conversations: history + question, cut from the left to fit
+  the teacher's max length) -- the alignment and label-free contrastive target,
+- the teacher's top-k documents of its dataset's corpus (indices into one matrix of every corpus) -- the
+  rank-distillation candidates; -1 where the example has no corpus,
+- its gold documents (only used when the recipe turns on gold contrastive positives = domain adaptation).
+
+LM inputs are rendered exactly as at inference: `query.as_messages()` for a query with history, the text
+otherwise. Without sampling caps every query of a dataset is extracted in one `cached_features` call, so a
+run reuses the cache entries of `training/build_feature_cache.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cache import TensorCache
+from ..data import RetrievalDataset, load_dataset_folder
+from ..features import cached_features, feature_key
+from ..fingerprint import TeacherFingerprint
+from .recipe import Recipe
+from .teacher_cache import teacher_embeddings, teacher_max_tokens, teacher_query_text, teacher_top_k
+
+logger = logging.getLogger(__name__)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def lm_input(query: Any) -> Any:
+    """The LM input of a query: its chat messages when it has history, else its text (as at inference)."""
+    return query.as_messages() if query.history else query.text
+
+
+def resolve_data_path(root: str, name: str) -> Path:
+    """`root/name`, looked up from the working directory, then from the repository that holds this package."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        path = base / root / name
+        if path.exists():
+            return path
+    return Path(root) / name
+
+
+@dataclass
+class Source:
+    """One source of examples; every tensor's rows align with `items`."""
+
+    name: str
+    kind: str  # "queries" | "corpus" | "texts"
+    items: list[Any]
+    features: dict[str, torch.Tensor]
+    teacher: torch.Tensor
+    top_k: torch.Tensor  # [N, k] indices into TrainingData.documents, -1 = none
+    gold: list[list[int]]  # indices into TrainingData.documents
+    splits: dict[str, list[int]]  # "train" / "dev" / "test" -> rows
+    dataset: RetrievalDataset | None = None
+    query_ids: list[str] | None = None
+    doc_range: tuple[int, int] | None = None  # this dataset's rows in TrainingData.documents
+    evaluate: bool = False
+
+
+@dataclass
+class TrainingData:
+    """Every source, plus one matrix of teacher document embeddings of every corpus."""
+
+    sources: list[Source]
+    documents: torch.Tensor
+    doc_ids: list[str]
+    fingerprint: TeacherFingerprint
+    hidden_size: int
+    feature_keys: list[str] = field(default_factory=list)
+
+    def eval_sources(self) -> list[Source]:
+        return [s for s in self.sources if s.evaluate]
+
+    def examples(self, split: str, key: str, token_level: bool = False) -> ExampleSet:
+        """The `split` rows of every source (train: queries + extra texts; dev/test: queries) as one set."""
+        parts = [s for s in self.sources if s.splits.get(split)]
+        if not parts:
+            raise ValueError(f"no {split} examples in {[s.name for s in self.sources]}")
+        return ExampleSet.concat([ExampleSet.from_source(s, s.splits[split], key, token_level) for s in parts])
+
+
+@dataclass
+class ExampleSet:
+    """Aligned example tensors; `offsets` is set for token-level features ([T, H] span tokens)."""
+
+    features: torch.Tensor
+    teacher: torch.Tensor
+    top_k: torch.Tensor
+    gold: torch.Tensor  # [N, G] doc indices, -1 padded
+    offsets: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.teacher.shape[0]
+
+    @classmethod
+    def from_source(cls, source: Source, rows: Sequence[int], key: str, token_level: bool) -> ExampleSet:
+        if key not in source.features:
+            raise KeyError(f"{source.name}: no cached feature {key!r}; have {sorted(source.features)}")
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        offsets = None
+        if token_level:
+            all_offsets = source.features["token_offsets"]
+            tokens = source.features[key]
+            pieces = [tokens[all_offsets[i] : all_offsets[i + 1]] for i in idx.tolist()]
+            lengths = torch.tensor([p.shape[0] for p in pieces], dtype=torch.long)
+            offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+            features = torch.cat(pieces) if pieces else tokens[:0]
+        else:
+            features = source.features[key][idx]
+        gold = [source.gold[i] for i in idx.tolist()]
+        width = max([len(g) for g in gold] + [1])
+        gold_t = torch.full((len(gold), width), -1, dtype=torch.long)
+        for r, g in enumerate(gold):
+            gold_t[r, : len(g)] = torch.tensor(g, dtype=torch.long)
+        return cls(features, source.teacher[idx], source.top_k[idx], gold_t, offsets)
+
+    @classmethod
+    def concat(cls, parts: Sequence[ExampleSet]) -> ExampleSet:
+        k = max(p.top_k.shape[1] for p in parts)
+        g = max(p.gold.shape[1] for p in parts)
+
+        def pad(t: torch.Tensor, width: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)
+
+        offsets = None
+        if parts[0].offsets is not None:
+            chunks, start = [torch.zeros(1, dtype=torch.long)], 0
+            for p in parts:
+                chunks.append(p.offsets[1:] + start)
+                start += int(p.offsets[-1])
+            offsets = torch.cat(chunks)
+        return cls(torch.cat([p.features for p in parts]), torch.cat([p.teacher for p in parts]),
+                   torch.cat([pad(p.top_k, k) for p in parts]), torch.cat([pad(p.gold, g) for p in parts]), offsets)
+
+    def head_input(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(features, mask) of these rows: pooled [B, H] (mask None), or tokens padded to [B, L, H] + mask."""
+        idx = list(rows)
+        if self.offsets is None:
+            return self.features[idx].float(), None
+        pieces = [self.features[self.offsets[i] : self.offsets[i + 1]] for i in idx]
+        length = max(max(p.shape[0] for p in pieces), 1)
+        out = torch.zeros((len(idx), length, self.features.shape[1]))
+        mask = torch.zeros((len(idx), length), dtype=torch.bool)
+        for r, p in enumerate(pieces):
+            out[r, : p.shape[0]] = p.float()
+            mask[r, : p.shape[0]] = True
+        return out, mask
+
+    def batch(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        """A training batch: head input, teacher targets, top-k and gold doc indices."""
+        features, mask = self.head_input(rows)
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        batch = {"features": features, "teacher": self.teacher[idx].float(), "top_k": self.top_k[idx],
+                 "gold": self.gold[idx], "rows": idx}
+        if mask is not None:
+            batch["mask"] = mask
+        return batch
+
+
+def _sample(rows: list[int], cap: int | None, seed: int) -> list[int]:
+    if cap is None or len(rows) <= cap:
+        return rows
+    return sorted(random.Random(seed).sample(rows, cap))
+
+
+def corpus_sentences(dataset: RetrievalDataset, count: int, seed: int, min_words: int = 5,
+                     max_words: int = 60) -> list[str]:
+    """`count` sentences (5-60 words) sampled from the corpus: label-free alignment texts in the domain."""
+    sentences = []
+    for doc_id in dataset.doc_ids:
+        doc = dataset.corpus[doc_id]
+        for text in (doc.get("title", ""), *_SENTENCE.split(doc.get("text", ""))):
+            n = len(text.split())
+            if min_words <= n <= max_words:
+                sentences.append(text.strip())
+    sentences = sorted(set(sentences))
+    if len(sentences) > count:
+        sentences = random.Random(seed).sample(sentences, count)
+    return sentences
+
+
+def build_training_data(
+    recipe: Recipe,
+    model: Any,
+    teacher: Any,
+    fingerprint: TeacherFingerprint,
+    cache: TensorCache,
+    show_progress_bar: bool = True,
+) -> TrainingData:
+    """Load, split and sample the recipe's data, then fill (or reuse) every cache: LM features, teacher
+    document and query embeddings. `model` is the RetrievalModel whose base reads the texts."""
+    d, f = recipe.data, recipe.features
+    tokenizer = teacher.tokenizer
+    max_tokens = teacher_max_tokens(teacher, recipe.teacher.max_tokens)
+    documents: list[torch.Tensor] = []
+    doc_ids: list[str] = []
+    sources: list[Source] = []
+
+    def features_of(items: list[Any]) -> dict[str, torch.Tensor]:
+        return cached_features(model, items, cache, f.layers, f.poolings, f.token_layer,
+                               batch_size=f.batch_size, show_progress_bar=show_progress_bar)
+
+    def teacher_of(texts: list[str], kind: str = "query") -> torch.Tensor:
+        return teacher_embeddings(teacher, texts, cache, fingerprint, kind, recipe.teacher.batch_size,
+                                  show_progress_bar)
+
+    for position, name in enumerate(d.datasets):
+        dataset = load_dataset_folder(resolve_data_path(d.root, name))
+        split = dataset.split(d.dev_fraction, d.test_fraction, seed=d.split_seed)
+        evaluate = name in d.eval_datasets
+        row_of = {q.id: i for i, q in enumerate(dataset.queries)}
+        seed = d.sample_seed + position
+        chosen = {"train": _sample([row_of[q.id] for q in split.train], d.max_train_queries, seed)}
+        for side, cap in (("dev", d.max_dev_queries), ("test", d.max_test_queries)):
+            rows = [row_of[q.id] for q in getattr(split, side)] if evaluate else []
+            chosen[side] = _sample(rows, cap, seed + 17)
+        sampled = any(cap is not None for cap in (d.max_train_queries, d.max_dev_queries, d.max_test_queries))
+        keep = sorted(set().union(*chosen.values())) if sampled else list(range(len(dataset.queries)))
+        local = {row: i for i, row in enumerate(keep)}
+        queries = [dataset.queries[i] for i in keep]
+        logger.info("%s: %d queries (train %d, dev %d, test %d)", name, len(queries),
+                    *(len(chosen[s]) for s in ("train", "dev", "test")))
+
+        start = len(doc_ids)
+        doc_emb = teacher_of(dataset.document_texts(), "document")
+        documents.append(doc_emb)
+        doc_ids.extend(dataset.doc_ids)
+        doc_index = {doc: start + i for i, doc in enumerate(dataset.doc_ids)}
+        query_emb = teacher_of([teacher_query_text(q, tokenizer, max_tokens) for q in queries])
+        top_k = teacher_top_k(query_emb, doc_emb, recipe.loss.top_k) + start
+        gold = [[doc_index[doc] for doc, rel in sorted(dataset.qrels.get(q.id, {}).items()) if rel > 0]
+                for q in queries]
+        sources.append(Source(
+            name=name, kind="queries", items=[lm_input(q) for q in queries],
+            features=features_of([lm_input(q) for q in queries]), teacher=query_emb, top_k=top_k, gold=gold,
+            splits={s: [local[r] for r in rows] for s, rows in chosen.items()}, dataset=dataset,
+            query_ids=[q.id for q in queries], doc_range=(start, len(doc_ids)), evaluate=evaluate,
+        ))
+        if d.corpus_texts:
+            texts = corpus_sentences(dataset, d.corpus_texts, seed)
+            emb = teacher_of(texts)
+            sources.append(Source(
+                name=f"{name}:corpus", kind="corpus", items=texts, features=features_of(texts), teacher=emb,
+                top_k=teacher_top_k(emb, doc_emb, recipe.loss.top_k) + start, gold=[[] for _ in texts],
+                splits={"train": list(range(len(texts)))},
+            ))
+    for path in d.text_files:
+        file = Path(path)
+        texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise ValueError(f"{file}: no training text (the file is empty)")
+        emb = teacher_of(texts)
+        sources.append(Source(
+            name=file.name, kind="texts", items=texts, features=features_of(texts), teacher=emb,
+            top_k=torch.full((len(texts), 1), -1, dtype=torch.long), gold=[[] for _ in texts],
+            splits={"train": list(range(len(texts)))},
+        ))
+    docs = torch.cat(documents) if documents else torch.empty((0, fingerprint.dim))
+    keys = sorted({feature_key(p, layer) for p in f.poolings for layer in f.layers})
+    return TrainingData(sources, docs, doc_ids, fingerprint, int(model.config.base_hidden_size), keys)

@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+
+from retrieval_head.training.recipe import (
+    Recipe,
+    RecipeError,
+    RecipeMismatchError,
+    check_resumable,
+    diff_recipes,
+)
+
+RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
+
+
+def test_shipped_recipes_load_and_default_matches_code():
+    names = sorted(p.name for p in RECIPES.glob("*.yaml"))
+    assert "smollm2-135m-minilm.yaml" in names and "qwen3-8b-qwen3-embedding-8b.yaml" in names
+    for path in RECIPES.glob("*.yaml"):
+        Recipe.load(path)
+    assert diff_recipes(Recipe.load(RECIPES / "smollm2-135m-minilm.yaml"), Recipe()) == {}
+
+
+def test_yaml_round_trip_and_float_strings(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\ntrain:\n  lr: 2e-4\n  max_steps: 10\n")
+    recipe = Recipe.load(path)
+    assert recipe.train.lr == pytest.approx(2e-4) and recipe.train.max_steps == 10
+    recipe.save(tmp_path / "again.yaml")
+    assert diff_recipes(recipe, Recipe.load(tmp_path / "again.yaml")) == {}
+
+
+@pytest.mark.parametrize("text, words", [
+    ("trian:\n  lr: 1.0\n", ["trian"]),
+    ("train:\n  learning_rate: 1.0\n", ["train.learning_rate"]),
+    ("head:\n  pooling: max\n", ["head.pooling", "max"]),
+    ("head:\n  head_type: lstm\n", ["head.head_type"]),
+    ("train:\n  max_steps: 0\n", ["train.max_steps"]),
+    ("train:\n  batch_size: 8.5\n", ["train.batch_size"]),
+    ("loss:\n  alignment: 0\n  contrastive: 0\n  rank: 0\n", ["loss weights"]),
+    ("loss:\n  hard_negatives: 4\n", ["loss.hard_negatives", "gold_positives"]),
+    ("data:\n  eval_datasets: [nope]\n", ["data.eval_datasets"]),
+    ("head:\n  pooling: last_token\nfeatures:\n  poolings: [mean]\n", ["head.pooling"]),
+    ("train: [1, 2]\n", ["train"]),
+    ("head: {head_type: transformer}\nfeatures: {token_layer: null}\n", ["features.token_layer"]),
+])
+def test_invalid_recipes_name_the_key(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as err:
+        Recipe.load(path)
+    message = str(err.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    (tmp_path / "x.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        Recipe.load(tmp_path / "x.yaml")
+    with pytest.raises(FileNotFoundError):
+        Recipe.load(tmp_path / "missing.yaml")
+
+
+def test_diff_and_resume_check():
+    a = Recipe()
+    b = a.replace(**{"train.lr": 5e-4, "head.layer": 24, "train.log_every": 1})
+    assert diff_recipes(a, b) == {"head.layer": (20, 24), "train.log_every": (10, 1), "train.lr": (2e-4, 5e-4)}
+    check_resumable(a, a.replace(**{"train.log_every": 1, "features.cache_dir": "/elsewhere"}), "run")
+    with pytest.raises(RecipeMismatchError) as err:
+        check_resumable(a, b, "out/run")
+    assert "train.lr: 0.0002 -> 0.0005" in str(err.value) and "head.layer: 20 -> 24" in str(err.value)
+    assert "log_every" not in str(err.value)

@@ -1,0 +1,146 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_helpers import FakeTeacher, tiny_models, tiny_recipe
+
+from retrieval_head import RetrievalHeadConfig
+from retrieval_head.losses import DistillationLoss
+from retrieval_head.training import RecipeMismatchError, TeacherDimError, Trainer, TrainingStopped, train
+
+
+def run(recipe, out, **kwargs):
+    base, tok, teacher = tiny_models()
+    return train(recipe, out, base=base, tokenizer=tok, teacher=teacher, show_progress_bar=False, **kwargs)
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_training_writes_head_log_report_and_probe(tmp_path):
+    result = run(tiny_recipe(tmp_path), tmp_path / "out")
+    out = tmp_path / "out"
+    assert result.steps == 12 and result.best_step in (4, 8, 12)
+    for name in ("config.json", "retrieval_head.safetensors", "README.md", "recipe.yaml", "train_log.jsonl",
+                 "report.json"):
+        assert (out / name).is_file(), name
+    config = RetrievalHeadConfig.from_json_file(out / "config.json")
+    assert config.output_dim == 16 and config.teacher["dim"] == 16
+    assert config.metrics["tiny"]["split"] == "test" and "ndcg@10" in config.metrics["tiny"]["head"]
+    assert {(r["layer"], r["pooling"]) for r in config.probe["results"]} == {
+        (layer, p) for layer in (1, 2, 3) for p in ("mean", "last_token")}
+    assert config.training["losses"] == {"alignment": 1.0, "contrastive": 0.1, "rank": 0.1}
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss/total" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert {"loss/alignment", "loss/contrastive", "loss/rank"} <= set(steps[0])
+    assert [r["step"] for r in log if r.get("event") == "eval"] == [4, 8, 12]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-12", "step-8"]  # keep_checkpoints=2
+    # the saved head = the best dev head
+    assert torch.equal(load_file(str(out / "best" / "retrieval_head.safetensors"))["project.0.weight"],
+                       load_file(str(out / "retrieval_head.safetensors"))["project.0.weight"])
+
+
+def test_training_is_deterministic_on_cpu(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    run(recipe, tmp_path / "a")
+    run(recipe, tmp_path / "b")
+    a, b = weights(tmp_path / "a/checkpoints/step-12"), weights(tmp_path / "b/checkpoints/step-12")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_kill_gives_the_same_weights(tmp_path):
+    recipe = tiny_recipe(tmp_path).replace(**{"train.save_every": 3})  # 4 batches an epoch: step 3 is mid-epoch
+    run(recipe, tmp_path / "full")
+    killed = run(recipe, tmp_path / "resumed", stop_after_steps=5)  # killed after step 5; last checkpoint: 3
+    assert killed.stopped and killed.steps == 5
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(recipe, tmp_path / "resumed")
+    result = run(recipe, tmp_path / "resumed", resume=True)
+    assert result.steps == 12
+    log = (tmp_path / "resumed" / "train_log.jsonl").read_text()
+    assert '"checkpoint": "step-3"' in log
+    a, b = weights(tmp_path / "full/checkpoints/step-12"), weights(tmp_path / "resumed/checkpoints/step-12")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_another_recipe_is_refused(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    run(recipe, tmp_path / "out", stop_after_steps=4)
+    with pytest.raises(RecipeMismatchError) as err:
+        run(recipe.replace(**{"train.lr": 5e-4, "head.layer": 2}), tmp_path / "out", resume=True)
+    assert "train.lr: 0.001 -> 0.0005" in str(err.value) and "head.layer: 3 -> 2" in str(err.value)
+    run(recipe.replace(**{"train.log_every": 3}), tmp_path / "out", resume=True)  # harmless change: allowed
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = DistillationLoss.forward
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise FloatingPointError("the alignment loss is not finite (nan)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillationLoss, "forward", flaky)
+    with pytest.raises(TrainingStopped) as err:
+        run(tiny_recipe(tmp_path), tmp_path / "out")
+    message = str(err.value)
+    assert "step 7" in message and "not finite" in message and "step-4" in message and "train.lr" in message
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4"]
+    assert (out / "best" / "retrieval_head.safetensors").is_file()
+    assert '"event": "stopped"' in (out / "train_log.jsonl").read_text()
+
+
+def test_teacher_dim_mismatch_fails_before_any_work(tmp_path):
+    recipe = tiny_recipe(tmp_path).replace(**{"head.output_dim": 384})
+    base, tok, _ = tiny_models()
+    with pytest.raises(TeacherDimError, match="output_dim=384.*16 dimensions"):
+        Trainer(recipe, tmp_path / "out", base=base, tokenizer=tok, teacher=FakeTeacher(dim=16))
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_transformer_head_on_span_tokens_and_gold_positives(tmp_path):
+    recipe = tiny_recipe(tmp_path).replace(**{
+        "head.head_type": "transformer", "train.max_steps": 4, "loss.gold_positives": True,
+        "loss.hard_negatives": 2, "train.grad_accum": 2})
+    result = run(recipe, tmp_path / "out")
+    assert result.steps == 4 and result.probe is None
+    assert RetrievalHeadConfig.from_json_file(tmp_path / "out/config.json").head_type == "transformer"
+
+
+def test_probe_select_trains_the_best_layer(tmp_path):
+    result = run(tiny_recipe(tmp_path).replace(**{"probe.select": True, "train.max_steps": 2}), tmp_path / "out")
+    config = RetrievalHeadConfig.from_json_file(tmp_path / "out/config.json")
+    assert (config.layer, config.pooling) == (result.probe["best"]["layer"], result.probe["best"]["pooling"])
+
+
+def test_second_run_reuses_the_caches(tmp_path, monkeypatch):
+    recipe = tiny_recipe(tmp_path).replace(**{"train.max_steps": 1})
+    run(recipe, tmp_path / "a")
+    import retrieval_head.features as features
+
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: pytest.fail("LM pass not cached"))
+    calls = []
+    encode = FakeTeacher.encode
+    monkeypatch.setattr(FakeTeacher, "encode", lambda self, texts, **k: calls.append(texts) or encode(self, texts, **k))
+    run(recipe, tmp_path / "b")
+    assert len(calls) == 1 and len(calls[0]) == 4  # only the fingerprint's probe sentences
+
+
+def test_read_only_caches_are_reused_not_written(tmp_path, monkeypatch):
+    recipe = tiny_recipe(tmp_path).replace(**{"train.max_steps": 1})
+    run(recipe, tmp_path / "a")
+    shipped = tmp_path / "cache"
+    before = sorted(p.name for p in shipped.iterdir())
+    import retrieval_head.features as features
+
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: pytest.fail("LM pass not reused"))
+    layered = recipe.replace(**{"features.cache_dir": str(tmp_path / "fresh-cache"),
+                                "features.read_only_caches": [str(shipped)]})
+    run(layered, tmp_path / "b")
+    assert sorted(p.name for p in shipped.iterdir()) == before
