@@ -1,0 +1,208 @@
+"""Query-embedding latency, three ways, at batch 1 and batch 32, all in one process.
+
+(a) teacher `encode` on the query text (the two-model pipeline: tokenizer + MiniLM forward);
+(b) `RetrievalModel.encode_query` on the same text: chat template + tokenizer + LM forward + head - what
+    embedding NEW text costs (also shown: the LM forward on pre-tokenized input + head, without the tokenizer);
+(c) the head alone on hidden states that already exist (the agent case: generation computed them): one call of
+    `model.head(states, span_mask)` under `torch.inference_mode()`, no tokenizer, no Python loop.
+
+Reports (a)/(c) (the agent-path speed-up; target >= 100x at batch 1) and (a)/(b) (< 1: new text pays an LM pass).
+Each timing is the median of `--runs` runs after `--warmup` runs; runs cycle through real query texts (the
+questions of `--data`). Speed does not depend on training, so an untrained head measures the same as a trained
+one of the same type and layer. Writes benchmarks/results/latency.{json,md,png}. Usage:
+
+    .venv/bin/python benchmarks/latency.py [--head DIR|untrained] [--runs 60] [--warmup 5] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import (
+    DATA,
+    add_common_arguments,
+    describe_machine,
+    fmt,
+    head_summary,
+    load_model_and_teacher,
+    machine_info,
+    resolve_head,
+    set_threads,
+    summarize,
+    write_results,
+)
+
+PATHS = {
+    "teacher": "(a) teacher `encode` (query text)",
+    "lm_head": "(b) LM forward + head (`encode_query`, tokenizer included)",
+    "lm_forward_head": "(b') LM forward + head on pre-tokenized input",
+    "head": "(c) head alone on existing hidden states",
+}
+
+
+def time_runs(fn: Callable[[int], Any], runs: int, warmup: int) -> list[float]:
+    """Seconds of `fn(i)` for i in range(runs), after `warmup` untimed calls."""
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(runs):
+        start = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def query_texts(data: Path, n: int) -> list[str]:
+    from retrieval_head.data import load_dataset_folder
+
+    texts = [q.text for q in load_dataset_folder(data).queries]
+    return texts[:n]
+
+
+def measure(model: Any, teacher: Any, texts: list[str], batch: int, runs: int, warmup: int) -> dict[str, Any]:
+    """Timings of the four paths at one batch size; batches cycle through `texts`."""
+    batches = [texts[i : i + batch] for i in range(0, len(texts) - batch + 1, batch)] or [texts[:batch]]
+    renderer = model.renderer
+    inputs = [renderer.collate([renderer.render(t) for t in b], device=model.device) for b in batches]
+    with torch.inference_mode():
+        states = [model.layer_states(x["input_ids"], x["attention_mask"]) for x in inputs]
+    masks = [x["span_mask"] for x in inputs]
+    head = model.head.eval()
+    n = len(batches)
+
+    def run_teacher(i: int) -> None:
+        teacher.encode(batches[i % n], batch_size=batch, convert_to_numpy=True)
+
+    def run_lm_head(i: int) -> None:
+        model.encode_query(batches[i % n], batch_size=batch, convert_to_numpy=True)
+
+    def run_lm_forward_head(i: int) -> None:
+        x = inputs[i % n]
+        with torch.inference_mode():
+            head(model.layer_states(x["input_ids"], x["attention_mask"]), x["span_mask"])
+
+    def run_head(i: int) -> None:
+        with torch.inference_mode():
+            head(states[i % n], masks[i % n])
+
+    out: dict[str, Any] = {"batch_size": batch, "threads": torch.get_num_threads(), "distinct_batches": n,
+                           "mean_tokens": float(torch.cat([x["attention_mask"].sum(1) for x in inputs]).float().mean()),
+                           "mean_span_tokens": float(torch.cat([m.sum(1) for m in masks]).float().mean())}
+    for key, fn in (("teacher", run_teacher), ("lm_head", run_lm_head), ("lm_forward_head", run_lm_forward_head),
+                    ("head", run_head)):
+        out[key] = summarize(time_runs(fn, runs, warmup))
+    a, b, c = (out[k]["median_ms"] for k in ("teacher", "lm_head", "head"))
+    out["speedup_a_over_c"] = a / c
+    out["speedup_a_over_b"] = a / b
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "## Query latency",
+        "",
+        f"Head: {result['head']['description']}; teacher {result['head']['teacher']}. Median of "
+        f"{result['runs']} runs after {result['warmup']} warm-up runs, one process. Machine: "
+        f"{describe_machine(result['machine'])}.",
+        "",
+        "| path | " + " | ".join(f"batch {r['batch_size']}, {r['threads']} thr. (ms)" for r in result["batches"])
+        + " |",
+        "|---|" + "---:|" * len(result["batches"]),
+    ]
+    for key, label in PATHS.items():
+        lines.append(f"| {label} | " + " | ".join(fmt(r[key]["median_ms"]) for r in result["batches"]) + " |")
+    lines.append("| **(a)/(c)**: head on existing states vs teacher | "
+                 + " | ".join(f"**{r['speedup_a_over_c']:.1f}x**" for r in result["batches"]) + " |")
+    lines.append("| (a)/(b): `encode()` on new text vs teacher | "
+                 + " | ".join(f"{r['speedup_a_over_b']:.2f}x" for r in result["batches"]) + " |")
+    first = result["batches"][0]
+    ones = [r for r in result["batches"] if r["batch_size"] == 1]
+    target = "; ".join(f"{r['speedup_a_over_c']:.1f}x with {r['threads']} thread(s) "
+                       f"({'met' if r['speedup_a_over_c'] >= 100 else 'not met'})" for r in ones)
+    lines += [
+        "",
+        f"Query tokens as the LM reads them (chat template included): {first['mean_tokens']:.1f} on average, "
+        f"{first['mean_span_tokens']:.1f} of them the question. Each column is one torch thread setting for every "
+        "path. `encode()` on new text pays an LM forward pass and is slower than the teacher; the win is the agent "
+        "path, where generation already computed the states and only the head runs."
+        + (f" Target (a)/(c) >= 100x at batch 1: {target}." if ones else ""),
+    ]
+    if result.get("plot"):
+        lines += ["", f"![query latency]({result['plot']})"]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = list(PATHS)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / len(result["batches"])
+    for j, r in enumerate(result["batches"]):
+        values = [r[k]["median_ms"] for k in keys]
+        xs = [i + (j - (len(result["batches"]) - 1) / 2) * width for i in range(len(keys))]
+        bars = ax.bar(xs, values, width, label=f"batch {r['batch_size']}, {r['threads']} thread(s)")
+        ax.bar_label(bars, labels=[f"{v:.2f}" if v < 10 else f"{v:.0f}" for v in values], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(keys)), ["(a) teacher\nencode", "(b) LM + head\nencode_query", "(b') LM fwd\n+ head",
+                                     "(c) head on\nexisting states"], fontsize=8)
+    ax.set_ylabel("ms per batch (median, log scale)")
+    ax.set_title("Query embedding latency", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, several_threads=True)
+    parser.add_argument("--data", default=str(DATA / "scifact_train"),
+                        help="Dataset whose query texts are embedded (default: %(default)s).")
+    parser.add_argument("--runs", type=int, default=60, help="Timed runs per path and batch size (>= 50 for "
+                                                             "reported numbers; default: %(default)s).")
+    parser.add_argument("--warmup", type=int, default=5, help="Untimed warm-up runs (default: %(default)s).")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="Default: 1 32.")
+    parser.add_argument("--texts", type=int, default=256, help="Distinct query texts cycled (default: %(default)s).")
+    args = parser.parse_args()
+    name = args.name or "latency"
+    spec = resolve_head(args.head)
+    started = time.perf_counter()
+    model, teacher, description = load_model_and_teacher(spec, args.layer, args.head_type)
+    texts = query_texts(Path(args.data), max(args.texts, max(args.batch_sizes)))
+    result: dict[str, Any] = {
+        "benchmark": "latency", "machine": machine_info(), "runs": args.runs, "warmup": args.warmup,
+        "data": Path(args.data).name, "head": {**head_summary(model), "description": description, "spec": spec},
+        "batches": [],
+    }
+    for threads in args.threads or [torch.get_num_threads()]:
+        set_threads(threads)
+        for b in args.batch_sizes:
+            result["batches"].append(measure(model, teacher, texts, b, args.runs, args.warmup))
+            r = result["batches"][-1]
+            print(f"batch {b}, {threads} thread(s): " + ", ".join(f"{k} {r[k]['median_ms']:.3f} ms" for k in PATHS),
+                  flush=True)
+    result["machine"]["torch_threads"] = sorted({r["threads"] for r in result["batches"]})
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    if plot(result, out / f"{name}.png"):
+        result["plot"] = f"{name}.png"
+    text = markdown(result)
+    write_results(name, result, text, out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
