@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .config import RetrievalHeadConfig
+from .encode_adapter import ENCODE_ADAPTER_NAME
 from .model import BaseMismatchError
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ def _active_adapter_name(model: nn.Module) -> str | None:
                 "Activate one with set_adapter(name), or combine them (add_weighted_adapter) and activate that."
             )
         active = active[0]
+    if active == ENCODE_ADAPTER_NAME:  # the head's own encode adapter, not the agent's (see encode_adapter.py)
+        return None
     return active if active in peft_config else None
 
 

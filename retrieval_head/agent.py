@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .encode_adapter import EncodeAdapterError, has_encode_adapter
 from .fingerprint import TeacherFingerprint, TeacherMismatchError
 from .model import RetrievalModel, base_of
 from .templates import Message, is_conversation
@@ -284,6 +285,9 @@ class NativeRetriever:
             to the conversation's own system message when there is one.
         prefill_open_marker: start the assistant turn with `open_marker` so the LM writes the query at once.
         check_teacher: refuse an index whose teacher fingerprint differs from `model.config.teacher`.
+
+    A model with an encode adapter (`retrieval_head.encode_adapter`) is refused with `EncodeAdapterError`:
+    its head reads adapted states, which generation (adapter off) does not compute.
     """
 
     def __init__(
@@ -300,6 +304,13 @@ class NativeRetriever:
             raise ValueError("open_marker and close_marker must be non-empty strings")
         if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
             raise ValueError("NativeRetriever needs a RetrievalModel whose tokenizer has a chat template")
+        if has_encode_adapter(model):
+            raise EncodeAdapterError(
+                "NativeRetriever reuses the states generation computes, but this head was trained with an encode "
+                "adapter (a LoRA on only while encoding), so generation's states are not the ones it reads. Embed "
+                "the query the LM wrote with model.encode(text) instead (an extra LM pass with the adapter on), "
+                "or use a head trained without an encode adapter."
+            )
         self.model = model
         self.tokenizer = model.tokenizer
         self.index = index

@@ -12,9 +12,7 @@ from .model import RetrievalModel
 
 def register_auto_classes() -> None:
     """Register the head's config and model with transformers (idempotent)."""
-    try:
+    with contextlib.suppress(ValueError):  # already registered
         AutoConfig.register(MODEL_TYPE, RetrievalHeadConfig)
-    except ValueError:  # already registered
-        pass
     with contextlib.suppress(ValueError):
         AutoModel.register(RetrievalHeadConfig, RetrievalModel)

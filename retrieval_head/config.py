@@ -57,6 +57,11 @@ class RetrievalHeadConfig(PretrainedConfig):
         default=None,
         metadata={"help": "sha256 of that adapter's weights (bf16-rounded) + scaling; checked on attach."},
     )
+    encode_adapter: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "LoRA trained with the head, on only while encoding (r, alpha, target_modules, checksum); "
+                          "its weights are in the folder's encode_adapter/. None: the head reads the plain base."},
+    )
     layer: int = field(
         default=-1,
         metadata={"help": "Hidden layer the head reads: 0 = embeddings, 1..L = blocks, negative counts from the end."},

@@ -23,6 +23,7 @@ from huggingface_hub.errors import (
 )
 
 from .config import CONFIG_NAME, MODEL_TYPE
+from .encode_adapter import ENCODE_ADAPTER_DIR
 from .modelcard import CARD_NAME
 from .persistence import WEIGHTS_NAME, HeadFolderError
 from .sentence_transformers_modules import MODULES_NAME, ST_CONFIG_NAME
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 HEAD_REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, MODULES_NAME, ST_CONFIG_NAME, CARD_NAME)
 """The files of a head in a repo: what `push_to_hub` uploads and `download_head` fetches."""
+HEAD_REPO_PATTERNS = (*HEAD_REPO_FILES, f"{ENCODE_ADAPTER_DIR}/*")
+"""Those, plus the optional encode adapter's subfolder (checked by its checksum in the config on load)."""
 EXPECTED = (
     f"a retrieval head ({CONFIG_NAME} with model_type={MODEL_TYPE!r} and {WEIGHTS_NAME}, as written by "
     "RetrievalModel.save_pretrained() / push_to_hub())"
@@ -68,7 +71,7 @@ def download_head(
     where = _where(repo_id, revision)
     try:
         folder = Path(snapshot_download(
-            repo_id, revision=revision, allow_patterns=list(HEAD_REPO_FILES), token=token,
+            repo_id, revision=revision, allow_patterns=list(HEAD_REPO_PATTERNS), token=token,
             cache_dir=cache_dir, local_files_only=local_files_only, force_download=force_download,
         ))
     except RevisionNotFoundError as err:
@@ -235,7 +238,7 @@ def push_head(
             model, Path(tmp) / "head", repo_id=repo_id, existing_card=existing, overwrite_card=overwrite_card
         )
         return api.upload_folder(
-            repo_id=repo_id, folder_path=folder, allow_patterns=list(HEAD_REPO_FILES),
+            repo_id=repo_id, folder_path=folder, allow_patterns=list(HEAD_REPO_PATTERNS),
             commit_message=commit_message or "Upload retrieval head", commit_description=commit_description,
             token=token, revision=revision, create_pr=create_pr,
         )
@@ -254,7 +257,7 @@ def push_folder(
     if revision is not None and not revision.startswith("refs/pr/"):
         api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
     return api.upload_folder(
-        repo_id=repo_id, folder_path=folder, allow_patterns=list(HEAD_REPO_FILES),
+        repo_id=repo_id, folder_path=folder, allow_patterns=list(HEAD_REPO_PATTERNS),
         commit_message=commit_message or "Upload retrieval head", token=token, revision=revision,
         create_pr=create_pr,
     )

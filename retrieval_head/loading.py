@@ -70,4 +70,8 @@ def load_retrieval_model(
             f"{folder} has weights that do not fit its config (missing: {missing}, unexpected: {unexpected}); "
             "the folder was edited or written by another version. Re-save the head."
         )
+    if head_config.encode_adapter:
+        from .encode_adapter import load_encode_adapter
+
+        load_encode_adapter(model, folder)
     return model

@@ -14,6 +14,7 @@ from transformers.utils import PushToHubMixin
 
 from .config import RetrievalHeadConfig
 from .encode import encode
+from .encode_adapter import encode_adapter_off, encode_adapter_on
 from .head import ProjectionHead
 from .templates import EncodeInput, QueryRenderer, context_length
 
@@ -118,14 +119,22 @@ class RetrievalModel(nn.Module, PushToHubMixin):
         return QueryRenderer(self.tokenizer, self.config, context_length=context_length(base_of(self.base_model)))
 
     def layer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Hidden states of the head's layer for tokenized input (one pass of the frozen base)."""
-        outputs = self.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False, **kwargs
-        )
+        """Hidden states of the head's layer for tokenized input (one pass of the frozen base).
+
+        With an encode adapter (`config.encode_adapter`), this is the one place it is switched on.
+        """
+        with encode_adapter_on(self):
+            outputs = self.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
+                **kwargs,
+            )
         return outputs.hidden_states[self.layer_index]
 
     def embed_hidden_states(self, hidden_states: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
-        """Embeddings from states the base already computed ([B, T, H] at the head's layer) over a span mask."""
+        """Embeddings from states the base already computed ([B, T, H] at the head's layer) over a span mask.
+
+        With an encode adapter the states must be computed with it on (`layer_states`), not by `generate`.
+        """
         if span_mask.shape != hidden_states.shape[:2]:
             raise ValueError(f"span_mask {tuple(span_mask.shape)} does not match states {tuple(hidden_states.shape)}.")
         if not bool(span_mask.any(dim=1).all()):
@@ -188,8 +197,9 @@ class RetrievalModel(nn.Module, PushToHubMixin):
 
     # --- generation is the base's -------------------------------------------------------------------
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's `generate`, untouched."""
-        return self.base_model.generate(*args, **kwargs)
+        """The base model's `generate`, untouched (an encode adapter, if any, is disabled)."""
+        with encode_adapter_off(self):
+            return self.base_model.generate(*args, **kwargs)
 
     # --- persistence ------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .encode_adapter import ENCODE_ADAPTER_DIR, has_encode_adapter, refresh_record, save_encode_adapter
 from .modelcard import CARD_NAME, write_card
 from .persistence import save_head, write_folder_atomically
 from .sentence_transformers_modules import sentence_transformers_files
@@ -25,19 +26,25 @@ def write_head_folder(
     """Atomically write the head's files into `save_directory` (the base is referenced, never copied).
 
     Files: `config.json` + `retrieval_head.safetensors` (the head), `modules.json` +
-    `config_sentence_transformers.json` (so `SentenceTransformer(folder)` loads it) and `README.md` (the card).
+    `config_sentence_transformers.json` (so `SentenceTransformer(folder)` loads it) and `README.md` (the card);
+    with an encode adapter, `encode_adapter/` (PEFT format, see `encode_adapter.py`).
     A README already in the folder (or `existing_card`) is updated, keeping the text outside our section,
     unless `overwrite_card=True`. `repo_id` names the repo in the card's usage snippets.
     """
     if kwargs:
         raise TypeError(f"save_pretrained() got unexpected keyword arguments: {', '.join(sorted(kwargs))}.")
     state = model.head.state_dict()
+    encode_adapter = has_encode_adapter(model)
+    if encode_adapter:  # its checksum changes as it trains: record the weights being written
+        refresh_record(model)
     target = Path(save_directory)
     if existing_card is None and not overwrite_card and (target / CARD_NAME).is_file():
         existing_card = (target / CARD_NAME).read_text(encoding="utf-8")
 
     def write(folder: Path) -> None:
         save_head(folder, model.config, state)
+        if encode_adapter:
+            save_encode_adapter(model, folder / ENCODE_ADAPTER_DIR)
         for name, text in sentence_transformers_files(model.config).items():
             (folder / name).write_text(text, encoding="utf-8")
         write_card(
