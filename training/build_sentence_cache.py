@@ -19,7 +19,9 @@ base, tok = load_agent()
 model = get_retrieval_model(base, RetrievalHeadConfig(max_length=256), tok).eval()
 cache = TensorCache(sys.argv[1] if len(sys.argv) > 1 else ".cache/features")
 LAYERS = [8, 12, 16, 20, 24, 27, 30]
-for position, name in enumerate(["dstc11_track5_val_reviewdoc", "scifact_train", "covidqa", "nq_open_oracle"]):
+ORDER = ["dstc11_track5_val_reviewdoc", "scifact_train", "covidqa", "nq_open_oracle"]
+for name in sys.argv[3].split(",") if len(sys.argv) > 3 else ORDER:
+    position = ORDER.index(name)
     items = corpus_sentences(load_dataset_folder(f"data/{name}"), COUNT, seed=position)
     print(name, len(items), flush=True)
     cached_features(model, items, cache, LAYERS, ("mean", "last_token"), token_layer=20)

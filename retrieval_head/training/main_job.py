@@ -39,6 +39,7 @@ MAIN_OVERRIDES: dict[str, Any] = {
     "train.max_steps": 600,
     "train.eval_every": 100,
     "train.save_every": 200,
+    "features.read_only_caches": ["data/teacher-embeddings"],
 }
 
 
