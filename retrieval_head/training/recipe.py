@@ -53,7 +53,7 @@ class TeacherSpec:
 
 @dataclass
 class HeadSpec:
-    layer: int = 20
+    layer: int = 24
     pooling: str = "mean"
     head_type: str = "mlp"
     inner_dim: int = 1024
@@ -90,7 +90,7 @@ class DataSpec:
     max_train_queries: int | None = None  # per dataset; None = every train query
     max_dev_queries: int | None = None  # per eval dataset; None = all
     max_test_queries: int | None = None  # per eval dataset; None = all
-    corpus_texts: int = 0  # per dataset: corpus sentences/passages of TRAIN gold docs' corpus used as extra texts
+    corpus_texts: int = 1500  # per dataset: corpus sentences sampled as extra label-free alignment texts
     text_files: list[str] = field(default_factory=list)  # extra plain-text files, one training text a line
     sample_seed: int = 0
 
@@ -114,13 +114,13 @@ class TrainSpec:
     weight_decay: float = 0.01
     batch_size: int = 64  # per process
     grad_accum: int = 1
-    max_steps: int = 1500  # optimizer steps
+    max_steps: int = 3000  # optimizer steps
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     seed: int = 0
-    eval_every: int = 250
-    save_every: int = 250
+    eval_every: int = 500
+    save_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
     best_metric: str = "ndcg@10"  # mean retention of this metric over the dev sets picks the best checkpoint

@@ -65,10 +65,10 @@ def test_not_yaml_and_missing_file(tmp_path):
 
 def test_diff_and_resume_check():
     a = Recipe()
-    b = a.replace(**{"train.lr": 5e-4, "head.layer": 24, "train.log_every": 1})
-    assert diff_recipes(a, b) == {"head.layer": (20, 24), "train.log_every": (10, 1), "train.lr": (2e-4, 5e-4)}
+    b = a.replace(**{"train.lr": 5e-4, "head.layer": 27, "train.log_every": 1})
+    assert diff_recipes(a, b) == {"head.layer": (24, 27), "train.log_every": (10, 1), "train.lr": (2e-4, 5e-4)}
     check_resumable(a, a.replace(**{"train.log_every": 1, "features.cache_dir": "/elsewhere"}), "run")
     with pytest.raises(RecipeMismatchError) as err:
         check_resumable(a, b, "out/run")
-    assert "train.lr: 0.0002 -> 0.0005" in str(err.value) and "head.layer: 20 -> 24" in str(err.value)
+    assert "train.lr: 0.0002 -> 0.0005" in str(err.value) and "head.layer: 24 -> 27" in str(err.value)
     assert "log_every" not in str(err.value)

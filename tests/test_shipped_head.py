@@ -1,0 +1,49 @@
+"""The head shipped for the embedded pair keeps the teacher's retrieval quality on held-out DSTC11 dialogues."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_head import RetrievalModel
+from retrieval_head.data import load_dataset_folder
+from retrieval_head.evaluation import retrieval_metrics
+from retrieval_head.evaluation.compare import teacher_texts
+from retrieval_head.fingerprint import TeacherFingerprint
+from retrieval_head.training.teacher_cache import teacher_embeddings
+from retrieval_head.training.trainer import LayeredCache
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "heads" / "smollm2-135m-minilm"
+DSTC11 = ROOT / "data" / "dstc11_track5_val_reviewdoc"
+
+
+@pytest.mark.real_model
+def test_shipped_head_retains_teacher_quality_on_held_out_dialogues(embedded_teacher, tmp_path):
+    model = RetrievalModel.from_pretrained(SHIPPED)
+    fingerprint = TeacherFingerprint.from_sentence_transformer(
+        embedded_teacher, teacher_id=model.config.teacher["teacher_id"]
+    )
+    fingerprint.check_matches(TeacherFingerprint.from_dict(model.config.teacher), what="shipped head")
+    split = model.config.training["split"]
+    dataset = load_dataset_folder(DSTC11)
+    test = dataset.split(split["dev"], split["test"], seed=split["seed"]).test
+    queries = test.queries[:60]  # a fixed sample of the held-out split: the LM pass costs ~1 s per dialogue
+
+    cache = LayeredCache(tmp_path, [ROOT / "data" / "teacher-embeddings"])
+    documents = teacher_embeddings(embedded_teacher, dataset.document_texts(), cache, fingerprint, "document",
+                                   show_progress_bar=False)
+    texts, _ = teacher_texts(queries, embedded_teacher)
+    teacher_q = torch.from_numpy(embedded_teacher.encode(texts, normalize_embeddings=True))
+    head_q = torch.from_numpy(model.encode([q.as_messages() for q in queries], normalize_embeddings=True))
+
+    cosine = (head_q * teacher_q).sum(-1)
+    assert float(cosine.mean()) > 0.65
+    qrels = {q.id: dataset.qrels[q.id] for q in queries}
+    ids = [q.id for q in queries]
+    head = retrieval_metrics((head_q @ documents.T).numpy(), qrels, ids, dataset.doc_ids)
+    teacher = retrieval_metrics((teacher_q @ documents.T).numpy(), qrels, ids, dataset.doc_ids)
+    assert head["recall@100"] >= 0.8 * teacher["recall@100"]
+    assert head["ndcg@10"] >= 0.6 * teacher["ndcg@10"]
+    assert np.isfinite(head_q.numpy()).all()
