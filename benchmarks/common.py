@@ -158,5 +158,17 @@ def write_results(name: str, data: dict[str, Any], markdown: str, folder: str | 
     return out / f"{name}.json"
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the non-interactive Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def fmt(value: float | None, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"

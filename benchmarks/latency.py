@@ -31,6 +31,7 @@ from common import (
     head_summary,
     load_model_and_teacher,
     machine_info,
+    pyplot,
     resolve_head,
     set_threads,
     summarize,
@@ -138,12 +139,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     keys = list(PATHS)
     fig, ax = plt.subplots(figsize=(7, 3.6))

@@ -153,10 +153,12 @@ def markdown(result: dict[str, Any]) -> str:
         encode = "—" if mode == "libraries" else f"{r['encode_s']:.2f}"
         lines.append(f"| {labels[mode]} | {r['load_peak_rss'] / MIB:.0f} | {r['peak_rss'] / MIB:.0f} | "
                      f"{r['after_encode_rss'] / MIB:.0f} | {encode} |")
-    saved = runs["head+teacher"]["peak_rss"] - runs["head"]["peak_rss"]
-    lines += ["", f"Dropping the teacher from an agent that already holds the LM saves {saved / MIB:.0f} MiB of peak "
-                  "RSS during encoding; the head itself costs its weights file's size. Weights are memory-mapped, so "
-                  "RSS grows as they are first used: the encode columns are the steady state."]
+    steady = runs["head+teacher"]["after_encode_rss"] - runs["head"]["after_encode_rss"]
+    peak = runs["head+teacher"]["peak_rss"] - runs["head"]["peak_rss"]
+    lines += ["", f"Dropping the teacher from an agent that already holds the LM saves {steady / MIB:.0f} MiB of RSS "
+                  f"after encoding (peak during encoding: {peak / MIB:+.0f} MiB, within run-to-run noise of the LM's "
+                  "activations); the head itself costs its weights file's size. Weights are memory-mapped, so RSS "
+                  "grows as they are first used: the encode columns are the steady state."]
     if not all(r.get("peak_reset") for r in runs.values()):
         lines.append("(This system could not reset the peak between loading and encoding: peaks include loading.)")
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from common import (
     head_summary,
     load_model_and_teacher,
     machine_info,
+    pyplot,
     resolve_head,
     set_threads,
     write_results,
@@ -114,12 +115,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     names = [r["dataset"] for r in result["datasets"]]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6), sharey=True)
