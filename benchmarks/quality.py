@@ -1,6 +1,7 @@
 """Retrieval quality: teacher vs head vs BM25 on the held-out test split of every bundled dataset.
 
-For each dataset the teacher embeds the whole corpus into a flat (exact) index, kept in `--index-dir` and reused;
+For each dataset the teacher embeds the whole corpus into a flat (exact) index, kept in `--index-dir` and reused
+(the documents' embeddings come from `--embeddings`, training's cache, when the same teacher embedded them);
 the test split is the one training holds out (`RetrievalDataset.split()` with the split recorded in the head's
 config, else the defaults dev 0.1 / test 0.2 / seed 0). The teacher embeds each query as history + question cut
 from the left to fit its 256 tokens, the head reads the dialogue as chat messages, BM25 scores the teacher's text
@@ -54,6 +55,13 @@ def shrink_corpus(dataset: Any, max_docs: int) -> Any:
     return RetrievalDataset(corpus, dataset.queries, dataset.qrels, name=dataset.name)
 
 
+def embedding_cache(folder: str) -> Any:
+    """The teacher embedding cache: `folder` (read and written) over the shipped one (read only); None for ''."""
+    from retrieval_head.cache import LayeredCache
+
+    return LayeredCache(folder, [DATA / "teacher-embeddings"]) if folder else None
+
+
 def evaluate_dataset(name: str, model: Any, teacher: Any, fingerprint: Any, args: argparse.Namespace) -> dict:
     from retrieval_head.commands.eval import load_or_build_index, sample_queries
     from retrieval_head.data import load_dataset_folder
@@ -66,7 +74,8 @@ def evaluate_dataset(name: str, model: Any, teacher: Any, fingerprint: Any, args
         test = shrink_corpus(test, args.max_docs)
         index_dir = None  # a reduced corpus is never cached
     start = time.perf_counter()
-    index, how = load_or_build_index(index_dir, teacher, test, fingerprint, show_progress_bar=args.progress)
+    index, how = load_or_build_index(index_dir, teacher, test, fingerprint, show_progress_bar=args.progress,
+                                     cache=embedding_cache(args.embeddings))
     with torch.inference_mode():
         report = compare_head_and_teacher(model, teacher, test, index=index, fingerprint=fingerprint,
                                           batch_size=args.batch_size, show_progress_bar=args.progress)
@@ -144,6 +153,10 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(DATA), help="Folder of the datasets (default: %(default)s).")
     parser.add_argument("--index-dir", default=str(ROOT / ".cache" / "indexes"),
                         help="Where teacher indexes are kept and reused ('' to never save; default: %(default)s).")
+    parser.add_argument("--embeddings", default=str(ROOT / ".cache" / "features"),
+                        help="Teacher embedding cache (training's; the shipped data/teacher-embeddings is read too): "
+                             "a new index reuses documents the same teacher already embedded ('' to always "
+                             "embed; default: %(default)s).")
     parser.add_argument("--max-queries", type=int, default=None, help="Seeded sample of test queries per dataset.")
     parser.add_argument("--max-docs", type=int, default=None,
                         help="SMOKE RUNS ONLY: shrink each corpus to the relevant docs + others up to this many.")

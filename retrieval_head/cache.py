@@ -63,3 +63,21 @@ class TensorCache:
 
         write_folder_atomically(self.path(kind, key), write)
         return tensors
+
+
+class LayeredCache(TensorCache):
+    """A `TensorCache` that also reads entries from read-only folders (written entries go to `root` only)."""
+
+    def __init__(self, root: str | Path, read_only: list[str | Path]) -> None:
+        super().__init__(root)
+        self.read_only = [TensorCache(r) for r in read_only]
+
+    def load(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
+        found = super().load(kind, key)
+        for other in self.read_only:
+            if found is not None:
+                break
+            found = other.load(kind, key)
+            if found is not None:
+                logger.info("Reusing read-only %s from %s", kind, other.path(kind, key))
+        return found

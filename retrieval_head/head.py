@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .config import RetrievalHeadConfig
 from .pooling import pool
@@ -16,12 +17,15 @@ class ProjectionHead(nn.Module):
     every token, runs a small encoder over the span, then pools. Every token is standardised with a
     parameter-free LayerNorm, since middle layers of LMs have activations in the hundreds; pooled features
     of `linear`/`mlp` heads therefore depend on no weight and can be cached for training.
+
+    The `linear`/`mlp` path calls the functional ops on the layers' parameters rather than the layer modules:
+    at batch 1 on CPU each module call costs as much as a small matmul, and this path is the agent's whole
+    query-embedding step.
     """
 
     def __init__(self, config: RetrievalHeadConfig, hidden_size: int) -> None:
         super().__init__()
         self.config = config
-        self.standardize = nn.LayerNorm(hidden_size, elementwise_affine=False)
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)
         try:
@@ -55,7 +59,8 @@ class ProjectionHead(nn.Module):
 
     def features(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Weight-free input of the head: standardised states, pooled unless the head is token-level."""
-        states = self.standardize(states.float())
+        states = states.float()
+        states = F.layer_norm(states, states.shape[-1:])
         return states if self.token_level else pool(states, mask, self.config.pooling)
 
     def project_features(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,9 +68,15 @@ class ProjectionHead(nn.Module):
         if self.token_level:
             tokens = self.encoder(self.token_in(features), src_key_padding_mask=~mask.bool())
             out = self.project(pool(tokens, mask, self.config.pooling))
+        elif self.config.head_type == "linear":
+            out = F.linear(features, self.project.weight, self.project.bias)
         else:
-            out = self.project(features)
-        return nn.functional.normalize(out, dim=-1) if self.config.normalize else out
+            first, _, _, last = self.project
+            hidden = F.gelu(F.linear(features, first.weight, first.bias))
+            if self.training:
+                hidden = F.dropout(hidden, self.config.dropout, training=True)
+            out = F.linear(hidden, last.weight, last.bias)
+        return F.normalize(out, dim=-1) if self.config.normalize else out
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Embeddings [B, output_dim] (fp32) for token states [B, T, H] and a span mask [B, T]."""

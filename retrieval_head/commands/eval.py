@@ -34,6 +34,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--output", help="Write the report (JSON) to this file.")
     parser.add_argument("--index", help="DocumentIndex folder: reused if it exists (and built by the head's "
                                         "teacher), else built and saved there.")
+    parser.add_argument("--embeddings", help="Teacher embedding cache folder (e.g. training's .cache/features, or the "
+                                             "shipped data/teacher-embeddings): a new index reuses the documents' "
+                                             "embeddings when the same teacher embedded the same texts, else "
+                                             "computes them and stores them there.")
     parser.add_argument("--max-queries", type=int, default=None,
                         help="Evaluate a seeded random sample of this many queries (quick checks).")
     parser.add_argument("--batch-size", type=int, default=32, help="Encode batch size (default: %(default)s).")
@@ -57,9 +61,11 @@ def sample_queries(dataset: Any, n: int | None, seed: int = 0) -> Any:
 
 
 def load_or_build_index(folder: str | Path | None, teacher: Any, dataset: Any, fingerprint: Any,
-                        batch_size: int = 64, show_progress_bar: bool = False) -> tuple[Any, str]:
+                        batch_size: int = 64, show_progress_bar: bool = False,
+                        cache: Any = None) -> tuple[Any, str]:
     """(index, how it was obtained): loaded from `folder` (refused if another teacher built it or it lacks the
-    corpus' documents), else built with the teacher and saved to `folder` when given."""
+    corpus' documents), else built with the teacher (its document embeddings read from, or stored in, the
+    `TensorCache` `cache` when given) and saved to `folder` when given."""
     from ..index import META_FILE, DocumentIndex
 
     if folder is not None and (Path(folder) / META_FILE).is_file():
@@ -70,18 +76,30 @@ def load_or_build_index(folder: str | Path | None, teacher: Any, dataset: Any, f
                              f"{dataset.name} (e.g. {sorted(missing)[:3]}): it was built for another corpus; "
                              "give another --index folder")
         return index, f"loaded from {folder}"
-    index = DocumentIndex.build(teacher, dataset, fingerprint=fingerprint, batch_size=batch_size,
-                                show_progress_bar=show_progress_bar)
+    if cache is None:
+        index = DocumentIndex.build(teacher, dataset, fingerprint=fingerprint, batch_size=batch_size,
+                                    show_progress_bar=show_progress_bar)
+        how = "built"
+    else:
+        from ..training.teacher_cache import teacher_embeddings
+
+        fingerprint.check_matches(type(fingerprint).from_sentence_transformer(teacher), what="teacher")
+        ids = list(dataset.doc_ids)
+        embeddings = teacher_embeddings(teacher, dataset.document_texts(ids), cache, fingerprint, "document",
+                                        batch_size, show_progress_bar)
+        index = DocumentIndex.from_embeddings(embeddings.numpy(), ids, fingerprint)
+        how = f"built from the embedding cache {cache.root}"
     if folder is not None:
         index.save(folder)
-        return index, f"built and saved to {folder}"
-    return index, "built"
+        return index, f"{how} and saved to {folder}"
+    return index, how
 
 
 def evaluate_head(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `run` does but printing: load, split, index, compare. Returns the JSON report."""
     import torch
 
+    from ..cache import TensorCache
     from ..data import load_dataset_folder
     from ..defaults import load_teacher_by_id
     from ..evaluation.compare import check_teacher, compare_head_and_teacher, held_out, split_settings
@@ -97,7 +115,9 @@ def evaluate_head(args: argparse.Namespace) -> dict[str, Any]:
     fingerprint = check_teacher(model, teacher)
     evaluated = held_out(dataset, model) if args.split == "test" else dataset
     evaluated = sample_queries(evaluated, args.max_queries)
-    index, how = load_or_build_index(args.index, teacher, dataset, fingerprint, show_progress_bar=args.progress)
+    cache = TensorCache(args.embeddings) if args.embeddings else None
+    index, how = load_or_build_index(args.index, teacher, dataset, fingerprint, show_progress_bar=args.progress,
+                                     cache=cache)
     with torch.inference_mode():
         report = compare_head_and_teacher(model, teacher, evaluated, index=index, fingerprint=fingerprint,
                                           bm25=not args.no_bm25, worst=args.worst, batch_size=args.batch_size,

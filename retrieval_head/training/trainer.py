@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cache import TensorCache
+from ..cache import LayeredCache, TensorCache
 from ..config import RetrievalHeadConfig
 from ..features import feature_key
 from ..fingerprint import TeacherFingerprint
@@ -173,24 +173,6 @@ def load_models(recipe: Recipe, device: Any = None) -> tuple[Any, Any, Any]:
     if device is not None:
         base.to(device)
     return base, tokenizer, teacher
-
-
-class LayeredCache(TensorCache):
-    """A `TensorCache` that also reads entries from read-only folders (written entries go to `root` only)."""
-
-    def __init__(self, root: str | Path, read_only: list[str | Path]) -> None:
-        super().__init__(root)
-        self.read_only = [TensorCache(r) for r in read_only]
-
-    def load(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
-        found = super().load(kind, key)
-        for other in self.read_only:
-            if found is not None:
-                break
-            found = other.load(kind, key)
-            if found is not None:
-                logger.info("Reusing shipped %s from %s", kind, other.path(kind, key))
-        return found
 
 
 def recipe_cache(recipe: Recipe) -> TensorCache:
