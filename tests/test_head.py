@@ -84,6 +84,24 @@ def test_features_then_project_equals_forward(head_type: str) -> None:
     assert torch.allclose(head.project_features(features, mask), head(states, mask), atol=1e-6)
 
 
+@pytest.mark.parametrize("head_type", ["linear", "mlp"])
+def test_functional_forward_equals_the_layer_modules(head_type: str) -> None:
+    states, mask = states_and_mask()
+    head = ProjectionHead(small_config(head_type=head_type), HIDDEN).eval()
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(head.project(head.features(states, mask)), dim=-1)
+        assert torch.allclose(head(states, mask), expected, atol=1e-6)
+
+
+def test_dropout_acts_only_while_training() -> None:
+    states, mask = states_and_mask()
+    head = ProjectionHead(small_config(head_type="mlp", dropout=0.5), HIDDEN)
+    head.train()
+    assert not torch.allclose(head(states, mask), head(states, mask))
+    head.eval()
+    assert torch.equal(head(states, mask), head(states, mask))
+
+
 def test_transformer_head_has_an_encoder_and_more_parameters() -> None:
     mlp = ProjectionHead(small_config(head_type="mlp"), HIDDEN)
     transformer = ProjectionHead(small_config(head_type="transformer", num_head_layers=2), HIDDEN)

@@ -33,10 +33,9 @@ from .span import EmptyQuerySpanError, find_query_span
 DEFAULT_OPEN = "<query>"
 DEFAULT_CLOSE = "</query>"
 DEFAULT_INSTRUCTION = (
-    "You can search a document collection. Before you answer, write one short search query for what the user "
-    "needs now, naming the entity the conversation is about, between {open} and {close}. Example: if the user "
-    "asks when the Louvre opens on Sundays, write {open}Louvre opening hours on Sunday{close}"
-)  # an example from another domain: SmolLM2-135M copied an in-domain example verbatim
+    "Rewrite my last message as one short, standalone search query that names the place or thing we are talking "
+    "about. Write it between {open} and {close}."
+)  # chosen on DSTC11 dev dialogues (training/EXPERIMENTS.md): SmolLM2-135M copied any example query verbatim
 SearchWith = Literal["query", "user_turn"]
 
 
@@ -66,9 +65,11 @@ class NativeRetriever:
             last message, after the text the head reads.
         prefill_open_marker: start the assistant turn with `open_marker` so the LM writes the query at once.
         check_teacher: refuse an index whose teacher fingerprint differs from `model.config.teacher`.
-        search_with: which embedding searches the index: "query" (the query the LM wrote) or "user_turn"
-            (the last user message from the same generation's prefill; what a head trained on dialogues
-            reads best, see benchmarks/results/agent_retention.md). Both are in every result.
+        search_with: which embedding searches the index: "user_turn" (default: the last user message, from the
+            same generation's prefill states, read as the head was trained to read it) or "query" (the
+            query the LM wrote). Both are in every result. The default was chosen on DSTC11 dev dialogues,
+            where the shipped head kept 81% of the teacher's nDCG@10 on the user turn and ~30% on the
+            queries SmolLM2-135M writes (benchmarks/results/agent_retention_dev.md).
 
     A model with an encode adapter (`retrieval_head.encode_adapter`) is refused with `EncodeAdapterError`:
     its head reads adapted states, which generation (adapter off) does not compute.
@@ -83,7 +84,7 @@ class NativeRetriever:
         instruction: str = DEFAULT_INSTRUCTION,
         prefill_open_marker: bool = True,
         check_teacher: bool = True,
-        search_with: SearchWith = "query",
+        search_with: SearchWith = "user_turn",
     ) -> None:
         if search_with not in ("query", "user_turn"):
             raise ValueError(f"search_with must be 'query' or 'user_turn', got {search_with!r}")
@@ -244,6 +245,7 @@ class NativeRetriever:
             embeddings = self.model.embed_hidden_states(states[:, width - keep:], mask.to(states.device)).float().cpu()
         embed_s = time.perf_counter() - start
         user_turn = self._embed_user_turns(states, user_spans, keep)
+        user_turn_s = time.perf_counter() - start - embed_s
         new_cache = None
         past = _output_cache(out)
         if len(prompts) == 1 and past is not None:
@@ -263,7 +265,7 @@ class NativeRetriever:
                 cache=new_cache,
                 timings={"generate_s": generate_s / len(prompts), "embed_s": embed_s / len(prompts),
                          "span_s": span_s / len(prompts), "head_s": (embed_s - span_s) / len(prompts),
-                         "cached_prompt_tokens": float(cached)},
+                         "user_turn_s": user_turn_s / len(prompts), "cached_prompt_tokens": float(cached)},
                 assistant_prefix=self.assistant_prefix(),
                 user_turn_embedding=user_turn[row],
                 searched_with=self.search_with if user_turn[row] is not None else "query",

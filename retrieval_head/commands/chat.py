@@ -29,6 +29,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("-k", type=int, default=3, help="passages retrieved per turn")
     parser.add_argument("--max-query-tokens", type=int, default=32, help="generation budget for the query")
     parser.add_argument("--max-answer-tokens", type=int, default=96, help="generation budget for the answer")
+    parser.add_argument("--search-with", choices=("query", "user_turn"), default="user_turn",
+                        help="embedding that searches: the user's last message read from the same generation's "
+                             "prefill (default; what a head trained on dialogues reads best), or the query the LM "
+                             "writes")
     parser.add_argument("--system", default=None, help="system message of the conversation")
     parser.add_argument("--no-check-teacher", action="store_true",
                         help="skip the check that the index was built by the head's teacher")
@@ -92,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     model = RetrievalModel.from_pretrained(args.head)
     corpus = _read_corpus(Path(args.data)) if args.data else None
     index = _load_index(args, model, corpus)
-    agent = NativeRetriever(model, index, check_teacher=not args.no_check_teacher)
+    agent = NativeRetriever(model, index, check_teacher=not args.no_check_teacher, search_with=args.search_with)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     cache = None
     for message in _messages(args):
@@ -111,12 +115,14 @@ def run(args: argparse.Namespace) -> int:
         hits = [{"doc_id": h.doc_id, "score": round(h.score, 4), "title": d.get("title", "")}
                 for h, d in zip(result.hits, docs, strict=True)]
         if args.json:
-            print(json.dumps({"message": message, "query": result.query_text, "used_markers": result.used_markers,
+            print(json.dumps({"message": message, "query": result.query_text, "searched_with": result.searched_with,
+                              "used_markers": result.used_markers,
                               "note": result.note, "hits": hits, "answer": reply,
                               "timings_ms": {k: round(v * 1000, 2) for k, v in result.timings.items()
                                              if k.endswith("_s")}}))
         else:
-            print(f"query: {result.query_text!r}" + ("" if result.used_markers else f"  ({result.note})"))
+            print(f"query: {result.query_text!r}" + ("" if result.used_markers else f"  ({result.note})")
+                  + ("  [searched with the user's message]" if result.searched_with == "user_turn" else ""))
             for rank, (hit, passage) in enumerate(zip(hits, passages, strict=True), 1):
                 print(f"  [{rank}] {hit['doc_id']} {hit['score']:.3f}  {passage[:100]}")
             print(f"assistant: {reply}")

@@ -35,7 +35,7 @@ def test_user_turn_from_the_same_generation_equals_encode(arch):
     result = agent.generate_and_search(CONV, max_new_tokens=5, **NO_SPECIALS)
     expected = torch.as_tensor(model.encode(CONV))
     assert (result.user_turn_embedding - expected).abs().max().item() < 1e-4
-    assert result.searched_with == "query" and result.search_embedding is result.query_embedding
+    assert result.searched_with == "user_turn" and result.search_embedding is result.user_turn_embedding
 
 
 def test_user_turn_in_batch_generation_and_with_a_reused_cache():
@@ -53,16 +53,29 @@ def test_user_turn_in_batch_generation_and_with_a_reused_cache():
     assert (again.user_turn_embedding - expected).abs().max().item() < 1e-4
 
 
-def test_search_with_user_turn_searches_with_it():
+@pytest.mark.parametrize("search_with", ["user_turn", "query"])
+def test_hits_come_from_the_chosen_embedding(search_with):
     model = make_model()
     index = make_index()
-    agent = NativeRetriever(model, index, search_with="user_turn")
+    agent = NativeRetriever(model, index, search_with=search_with)
     result = agent.generate_and_search(CONV, k=3, max_new_tokens=4, **NO_SPECIALS)
-    assert result.searched_with == "user_turn" and result.search_embedding is result.user_turn_embedding
-    _, ids = index.search(result.user_turn_embedding.numpy()[None], 3)
+    chosen = result.user_turn_embedding if search_with == "user_turn" else result.query_embedding
+    assert result.searched_with == search_with and result.search_embedding is chosen
+    _, ids = index.search(chosen.numpy()[None], 3)
     assert result.doc_ids == ids[0]
     with pytest.raises(ValueError, match="search_with"):
         NativeRetriever(model, index, search_with="answer")
+
+
+def test_a_plain_template_head_has_no_user_turn_and_searches_with_the_query():
+    config = RetrievalHeadConfig(layer=2, output_dim=DIM, inner_dim=32, query_template="plain",
+                                 teacher=FINGERPRINT.to_dict())
+    model = get_retrieval_model(tiny_causal_lm(), config, tokenizer=tiny_tokenizer())
+    agent = NativeRetriever(model, make_index())
+    assert agent.query_prompt(CONV).user_span is None
+    result = agent.generate_and_search(CONV, k=2, max_new_tokens=4, **NO_SPECIALS)
+    assert result.user_turn_embedding is None and result.searched_with == "query"
+    assert (result.query_embedding - rerun_embedding(agent, result)).abs().max().item() < 1e-4
 
 
 def test_index_from_another_teacher_is_refused():
@@ -138,13 +151,14 @@ def test_chat_command_non_interactive(tmp_path, capsys):
         f'{{"id": "d{i}", "title": "Doc {i}", "text": "text of document {i}"}}\n' for i in range(12)))
     code = main(["chat", "--head", str(tmp_path / "head"), "--index", str(tmp_path / "index"), "--data", str(data),
                  "--message", "where can I park", "--max-query-tokens", "6", "--max-answer-tokens", "4", "-k", "2",
-                 "--json"])
+                 "--json", "--search-with", "query"])
     assert code == 0
     import json
 
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["hits"] and out["hits"][0]["doc_id"].startswith("d") and "answer" in out
     assert out["hits"][0]["title"].startswith("Doc ")
+    assert out["searched_with"] == "query"
 
 
 @pytest.mark.real_model

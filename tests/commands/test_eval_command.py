@@ -47,6 +47,20 @@ def test_eval_prints_a_table_writes_json_and_reuses_the_index(world, tmp_path: P
     assert json.loads(out.read_text())["metrics"] == report["metrics"]
 
 
+def test_embedding_cache_is_filled_then_reused_with_the_same_results(world, tmp_path: Path, capsys) -> None:
+    cache, first, second = tmp_path / "embeddings", tmp_path / "first.json", tmp_path / "second.json"
+    assert run(world, "--split", "all", "--embeddings", str(cache), "--output", str(first)) == 0
+    entries = sorted(p.name for p in cache.iterdir())
+    assert len(entries) == 1 and entries[0].startswith("teacher-document-")
+    stored = (cache / entries[0] / "tensors.safetensors").stat().st_mtime_ns
+    assert run(world, "--split", "all", "--embeddings", str(cache), "--output", str(second)) == 0
+    assert "built from the embedding cache" in capsys.readouterr().out
+    assert (cache / entries[0] / "tensors.safetensors").stat().st_mtime_ns == stored  # read, not rewritten
+    assert json.loads(second.read_text())["metrics"] == json.loads(first.read_text())["metrics"]
+    assert run(world, "--split", "all", "--output", str(second)) == 0  # the same index without the cache
+    assert json.loads(second.read_text())["metrics"]["teacher"] == json.loads(first.read_text())["metrics"]["teacher"]
+
+
 def test_the_default_split_is_the_held_out_test_split(world, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     assert run(world, "--output", str(out), "--no-bm25") == 0

@@ -1,0 +1,80 @@
+"""Put the benchmark numbers into a head's model card, so the card shows what the README's results show.
+
+Reads `quality.json` (every dataset's held-out test split: head and teacher metrics) and `latency.json` (batch 1)
+from the results folder, checks that they measured this head, writes them to the head's `config.json`
+`metrics` (atomically; the weights are not touched) and re-renders its README.md card (text outside the
+generated section is kept). Usage:
+
+    .venv/bin/python benchmarks/card.py [--head heads/smollm2-135m-minilm] [--results benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS, SHIPPED_HEAD
+
+QUALITY_METRICS = ("ndcg@10", "recall@10", "mrr@10", "recall@100")
+
+
+def load_result(results: Path, name: str, head: Path) -> dict[str, Any]:
+    path = results / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is missing; run benchmarks/{name}.py first")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    spec = (data.get("head") or {}).get("spec")
+    if spec is None or Path(spec).resolve() != head.resolve():
+        raise SystemExit(f"error: {path} measured {spec!r}, not {head}; rerun benchmarks/{name}.py --head {head}")
+    return data
+
+
+def card_metrics(quality: dict[str, Any], latency: dict[str, Any]) -> dict[str, Any]:
+    """`config.metrics` in the card's shape: per dataset head + teacher metrics, plus a speed entry."""
+    metrics: dict[str, Any] = {}
+    for r in quality["datasets"]:
+        metrics[r["dataset"]] = {
+            "split": "test", "queries": r["queries"],
+            **{side: {m: round(r["metrics"][side][m], 4) for m in QUALITY_METRICS} for side in ("head", "teacher")},
+        }
+    batch1 = next(b for b in latency["batches"] if b["batch_size"] == 1)
+    metrics["speed"] = {
+        "device": f"CPU ({latency['machine']['cpu']}), {batch1['threads']} torch thread(s), batch 1",
+        "head_ms_per_query_on_existing_states": round(batch1["head"]["median_ms"], 3),
+        "lm_forward_plus_head_ms_per_query": round(batch1["lm_head"]["median_ms"], 1),
+        "teacher_ms_per_query": round(batch1["teacher"]["median_ms"], 2),
+    }
+    return metrics
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--head", default=str(SHIPPED_HEAD), help="Head folder (default: %(default)s).")
+    parser.add_argument("--results", default=str(RESULTS), help="Results folder (default: %(default)s).")
+    args = parser.parse_args()
+    from retrieval_head.config import RetrievalHeadConfig
+    from retrieval_head.modelcard import CARD_NAME, write_card
+
+    head, results = Path(args.head), Path(args.results)
+    quality, latency = load_result(results, "quality", head), load_result(results, "latency", head)
+    config_path = head / "config.json"
+    data = json.loads(config_path.read_text(encoding="utf-8"))
+    data["metrics"] = card_metrics(quality, latency)
+    tmp = config_path.with_name(".config.json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, config_path)
+    config = RetrievalHeadConfig.from_pretrained(head)
+    card = head / CARD_NAME
+    write_card(head, config, existing=card.read_text(encoding="utf-8") if card.is_file() else None,
+               num_head_parameters=quality["head"]["parameters"])
+    print(f"updated {config_path} metrics ({', '.join(k for k in data['metrics'] if k != 'speed')} + speed) "
+          f"and {card}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
