@@ -12,7 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import TensorCache, cache_key
-from .model import RetrievalModel
+from .kv_cache import cache_kwarg, output_cache
+from .model import RetrievalModel, base_of
 from .pooling import pool
 from .templates import EncodeInput, RenderedInput
 
@@ -82,7 +83,7 @@ def _shared_prefix(
     if length == 0:
         return None, rendered
     prefix = torch.tensor([ids[0][:length]], device=model.device)
-    cache = model.base_model(input_ids=prefix, use_cache=True).past_key_values
+    cache = output_cache(model.base_model(input_ids=prefix, use_cache=True))
     suffixes = [RenderedInput(r.input_ids[length:], r.span_start - length, r.span_end - length) for r in rendered]
     return (cache, length), suffixes
 
@@ -98,7 +99,7 @@ def _run(base: Any, batch: dict[str, torch.Tensor], prefix_cache: tuple[Any, int
     cache.batch_repeat_interleave(rows)
     ones = torch.ones((rows, length), dtype=batch["attention_mask"].dtype, device=batch["attention_mask"].device)
     return base(input_ids=batch["input_ids"], attention_mask=torch.cat([ones, batch["attention_mask"]], dim=1),
-                past_key_values=cache, output_hidden_states=True).hidden_states
+                output_hidden_states=True, **{cache_kwarg(base_of(base)): cache}).hidden_states
 
 
 def cached_features(

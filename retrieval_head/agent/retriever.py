@@ -12,7 +12,6 @@ extra pass: each generated token's state is computed anyway when the token is fe
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,10 +19,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..encode_adapter import EncodeAdapterError, has_encode_adapter
 from ..fingerprint import TeacherFingerprint, TeacherMismatchError
+from ..kv_cache import cache_kwarg, output_cache
 from ..model import RetrievalModel, base_of
 from ..templates import Message, is_conversation
 from .capture import LayerCapture, find_capture_point
@@ -46,12 +45,6 @@ class QueryPrompt:
 
     input_ids: list[int]
     user_span: tuple[int, int] | None
-
-
-def _cache_kwarg(model: nn.Module) -> str:
-    """`cache` (transformers >= 5.x) or `past_key_values` (older), whichever `generate` accepts by name."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 class NativeRetriever:
@@ -109,7 +102,7 @@ class NativeRetriever:
         if index is not None:
             self._check_index(index, check_teacher)
         self.capture_point = find_capture_point(model)
-        self._cache_kwarg = _cache_kwarg(base_of(model.base_model))
+        self._cache_kwarg = cache_kwarg(base_of(model.base_model))
 
     def _check_index(self, index: Any, check_teacher: bool) -> None:
         dim = getattr(index, "dim", None)
@@ -237,17 +230,19 @@ class NativeRetriever:
             raise EmptyQuerySpanError("generation stopped after one token; no generated token has a state yet")
         found = [find_query_span(tok, generated[row], available, self.assistant_prefix(), self.open_marker,
                                  self.close_marker, row) for row in range(len(prompts))]
-        mask = torch.zeros((len(prompts), available), dtype=torch.long)
+        lo, hi = min(span.start for span, _, _ in found), max(span.end for span, _, _ in found)
+        mask = torch.zeros((len(prompts), hi - lo), dtype=torch.long)  # the head reads only the spans' columns
         for row, (span, _, _) in enumerate(found):
-            mask[row, span.start : span.end] = 1
+            mask[row, span.start - lo : span.end - lo] = 1
         span_s = time.perf_counter() - start
+        query_states = states[:, width - keep + lo : width - keep + hi]
         with torch.inference_mode(), _head_in_eval(self.model):
-            embeddings = self.model.embed_hidden_states(states[:, width - keep:], mask.to(states.device)).float().cpu()
+            embeddings = self.model.embed_hidden_states(query_states, mask.to(states.device)).float().cpu()
         embed_s = time.perf_counter() - start
         user_turn = self._embed_user_turns(states, user_spans, keep)
         user_turn_s = time.perf_counter() - start - embed_s
         new_cache = None
-        past = _output_cache(out)
+        past = output_cache(out)
         if len(prompts) == 1 and past is not None:
             new_cache = TurnCache(prompts[0].input_ids + generated[0][:available], past)
         results = []
@@ -278,11 +273,12 @@ class NativeRetriever:
         rows = [row for row, span in enumerate(spans) if span is not None]
         if not rows:
             return [None] * len(spans)
-        mask = torch.zeros(states.shape[:2], dtype=torch.long, device=states.device)
-        for row in rows:
-            mask[row, spans[row][0] - keep : spans[row][1] - keep] = 1
+        lo, hi = min(spans[row][0] for row in rows), max(spans[row][1] for row in rows)
+        mask = torch.zeros((len(rows), hi - lo), dtype=torch.long, device=states.device)
+        for i, row in enumerate(rows):
+            mask[i, spans[row][0] - lo : spans[row][1] - lo] = 1
         with torch.inference_mode(), _head_in_eval(self.model):
-            embedded = self.model.embed_hidden_states(states[rows], mask[rows]).float().cpu()
+            embedded = self.model.embed_hidden_states(states[rows, lo - keep : hi - keep], mask).float().cpu()
         out: list[torch.Tensor | None] = [None] * len(spans)
         for i, row in enumerate(rows):
             out[row] = embedded[i]
@@ -334,7 +330,7 @@ class NativeRetriever:
         mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
         with torch.inference_mode(), _head_in_eval(self.model):
             embedding = self.model.embed_hidden_states(states, mask)[0].float().cpu()
-        past = _output_cache(out)
+        past = output_cache(out)
         turn_cache = TurnCache(list(rendered.input_ids), past) if (return_cache and past is not None) else None
         return ConversationEmbedding(embedding, list(rendered.input_ids), rendered.span_start, rendered.span_end,
                                      turn_cache)
@@ -386,18 +382,9 @@ class NativeRetriever:
             out = self.model.base_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                                  **kwargs)
         new = out.sequences[0, len(ids):].tolist()
-        past = _output_cache(out)
+        past = output_cache(out)
         reply = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         return reply, (TurnCache(ids + new[:-1], past) if past is not None else None)
-
-
-def _output_cache(out: Any) -> Any:
-    """The KV cache of a model/generate output: `cache` (transformers >= 5.x) or `past_key_values` (older)."""
-    keys = out.keys() if hasattr(out, "keys") else ()
-    for name in ("cache", "past_key_values"):
-        if name in keys:
-            return out[name]
-    return None
 
 
 @contextlib.contextmanager

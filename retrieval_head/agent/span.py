@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,18 +27,33 @@ class QuerySpan:
     """Span tokens dropped because generation stopped right after them (their state was never computed)."""
 
 
-def token_char_offsets(tokenizer: Any, ids: Sequence[int], prefix: str = "") -> tuple[str, list[tuple[int, int]]]:
-    """Decoded text (after `prefix`) and each token's character range in `prefix + text`."""
-    offsets, previous = [], len(prefix)
-    for i in range(len(ids)):
-        end = len(prefix) + len(
-            tokenizer.decode(list(ids[: i + 1]), skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        )
-        end = max(end, previous)
-        offsets.append((previous, end))
-        previous = end
-    text = tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return text, offsets
+class PrefixLengths:
+    """`len(prefix + decode(ids[:i]))` for any `i`, decoded on demand and remembered.
+
+    The query's boundaries are found by bisection over these lengths (a decoded prefix never gets shorter but
+    for a multi-byte character split across tokens), so a span costs O(log n) decodes rather than one per token.
+    """
+
+    def __init__(self, tokenizer: Any, ids: Sequence[int], prefix: str = "") -> None:
+        self.tokenizer, self.ids, self.prefix = tokenizer, list(ids), prefix
+        self._lengths: dict[int, int] = {0: len(prefix)}
+
+    def text(self, i: int | None = None) -> str:
+        """`prefix` + the decoded first `i` tokens (all of them by default)."""
+        i = len(self.ids) if i is None else i
+        text = self.prefix + self.tokenizer.decode(self.ids[:i], skip_special_tokens=True,
+                                                   clean_up_tokenization_spaces=False)
+        self._lengths[i] = len(text)
+        return text
+
+    def __call__(self, i: int) -> int:
+        return self._lengths[i] if i in self._lengths else len(self.text(i))
+
+    def first(self, condition: Callable[[int], bool], lo: int = 0) -> int:
+        """The smallest `i` in [lo, len(ids)] with `condition(length(i))`, or len(ids) + 1 when there is none."""
+        n = len(self.ids)
+        found = bisect.bisect_left(range(lo, n + 1), True, key=lambda i: condition(self(i)))
+        return lo + found if lo + found <= n else n + 1
 
 
 def _strip_range(text: str, start: int, end: int) -> tuple[int, int]:
@@ -66,8 +82,8 @@ def find_query_span(
     """
     special = set(tokenizer.all_special_ids)
     end_of_turn = next((i for i, t in enumerate(generated) if t in special), len(generated))
-    text, offsets = token_char_offsets(tokenizer, generated[:end_of_turn], prefix)
-    text = prefix + text
+    lengths = PrefixLengths(tokenizer, generated[:end_of_turn], prefix)
+    text = lengths.text()
     note = None
     open_at = text.find(open_marker)
     if open_at >= 0:
@@ -86,13 +102,15 @@ def find_query_span(
         char_start, char_end = len(prefix), len(text)
         note = f"the LM wrote no {open_marker!r} marker; the whole generated turn is the query"
     char_start, char_end = _strip_range(text, char_start, char_end)
-    inside = [i for i, (a, b) in enumerate(offsets) if b > a and b > char_start and a < char_end]
-    if not inside:
+    # first token ending after the query starts; the tokens up to the first prefix that reaches its end
+    start = lengths.first(lambda length: length > char_start, lo=1) - 1
+    end = lengths.first(lambda length: length >= char_end, lo=start + 1) if start < end_of_turn else start
+    if char_start >= char_end or start >= end_of_turn:
         raise EmptyQuerySpanError(
             f"conversation {row}: the query the LM wrote is empty ({source}); generated text: "
             f"{text[len(prefix):]!r}. Nothing to embed — raise max_new_tokens or adjust the instruction."
         )
-    start, end = inside[0], inside[-1] + 1
+    end = min(end, end_of_turn)
     dropped = max(0, end - available)
     end = min(end, available)
     if end <= start:

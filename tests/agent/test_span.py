@@ -85,3 +85,31 @@ def test_empty_query_span_is_an_error():
     fn = script(model.tokenizer, "</query> nothing", len(agent.prompt_ids(SHORT)))
     with pytest.raises(EmptyQuerySpanError, match="empty"):
         agent.generate_and_search(SHORT, max_new_tokens=20, prefix_allowed_tokens_fn=fn)
+
+
+def per_token_span(tokenizer, ids, char_start, char_end, prefix):
+    """The reference: decode every prefix, keep the non-empty tokens that overlap the characters."""
+    inside, previous = [], len(prefix)
+    for i in range(len(ids)):
+        end = max(previous, len(prefix) + len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True,
+                                                               clean_up_tokenization_spaces=False)))
+        if end > previous and end > char_start and previous < char_end:
+            inside.append(i)
+        previous = end
+    return inside[0], inside[-1] + 1
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("text", [
+    "Café Müller opening hours</query> thanks",
+    "  東京 hotels near the station</query>",
+    "The Acorn guest house has free wifi and parking.",
+    "<query>naïve résumé tips</query> ok",
+])
+def test_bisection_finds_the_same_tokens_as_decoding_every_prefix(embedded_agent, text):
+    _, tokenizer = embedded_agent
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for prefix in ("<query>", ""):
+        span, full, _ = find_query_span(tokenizer, ids, len(ids), prefix, "<query>", "</query>")
+        assert (span.start, span.end) == per_token_span(tokenizer, ids, span.char_start, span.char_end, prefix)
+        assert full[span.char_start : span.char_end].strip() in tokenizer.decode(ids[span.start : span.end])
