@@ -4,7 +4,8 @@
 (b) `RetrievalModel.encode_query` on the same text: chat template + tokenizer + LM forward + head - what
     embedding NEW text costs (also shown: the LM forward on pre-tokenized input + head, without the tokenizer);
 (c) the head alone on hidden states that already exist (the agent case: generation computed them): one call of
-    `model.head(states, span_mask)` under `torch.inference_mode()`, no tokenizer, no Python loop.
+    `model.head(states, span_mask)` on the columns of the query's own tokens (what `NativeRetriever` passes)
+    under `torch.inference_mode()`, no tokenizer, no Python loop.
 
 Reports (a)/(c) (the agent-path speed-up; target >= 100x at batch 1) and (a)/(b) (< 1: new text pays an LM pass).
 Each timing is the median of `--runs` runs after `--warmup` runs; runs cycle through real query texts (the
@@ -65,6 +66,12 @@ def query_texts(data: Path, n: int) -> list[str]:
     return texts[:n]
 
 
+def span_columns(mask: torch.Tensor) -> tuple[int, int]:
+    """First and one-past-last column where any row's span mask is set."""
+    used = mask.any(dim=0).nonzero().flatten()
+    return int(used[0]), int(used[-1]) + 1
+
+
 def measure(model: Any, teacher: Any, texts: list[str], batch: int, runs: int, warmup: int) -> dict[str, Any]:
     """Timings of the four paths at one batch size; batches cycle through `texts`."""
     batches = [texts[i : i + batch] for i in range(0, len(texts) - batch + 1, batch)] or [texts[:batch]]
@@ -73,6 +80,9 @@ def measure(model: Any, teacher: Any, texts: list[str], batch: int, runs: int, w
     with torch.inference_mode():
         states = [model.layer_states(x["input_ids"], x["attention_mask"]) for x in inputs]
     masks = [x["span_mask"] for x in inputs]
+    columns = [span_columns(m) for m in masks]  # the head reads the spans' columns, as the agent passes them
+    states = [s[:, lo:hi].contiguous() for s, (lo, hi) in zip(states, columns, strict=True)]
+    masks = [m[:, lo:hi] for m, (lo, hi) in zip(masks, columns, strict=True)]
     head = model.head.eval()
     n = len(batches)
 
