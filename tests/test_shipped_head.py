@@ -39,7 +39,7 @@ def test_shipped_head_retains_teacher_quality_on_held_out_dialogues(embedded_tea
     head_q = torch.from_numpy(model.encode([q.as_messages() for q in queries], normalize_embeddings=True))
 
     cosine = (head_q * teacher_q).sum(-1)
-    # Measured on the whole test split: cosine 0.74, R@100 retention 0.73, nDCG@10 retention 0.69; an untrained
+    # Measured on the whole test split: cosine 0.75, R@100 retention 0.83, nDCG@10 retention 0.83; an untrained
     # head scores near zero on all three. The margins absorb the 60-query sample.
     assert float(cosine.mean()) > 0.6
     qrels = {q.id: dataset.qrels[q.id] for q in queries}
@@ -47,5 +47,5 @@ def test_shipped_head_retains_teacher_quality_on_held_out_dialogues(embedded_tea
     head = retrieval_metrics((head_q @ documents.T).numpy(), qrels, ids, dataset.doc_ids)
     teacher = retrieval_metrics((teacher_q @ documents.T).numpy(), qrels, ids, dataset.doc_ids)
     assert head["recall@100"] >= 0.6 * teacher["recall@100"]
-    assert head["ndcg@10"] >= 0.4 * teacher["ndcg@10"]
+    assert head["ndcg@10"] >= 0.5 * teacher["ndcg@10"]
     assert np.isfinite(head_q.numpy()).all()

@@ -31,7 +31,7 @@ from ..cache import TensorCache
 from ..data import RetrievalDataset, load_dataset_folder
 from ..features import cached_features, feature_key
 from ..fingerprint import TeacherFingerprint
-from .recipe import Recipe
+from .recipe import Recipe, RecipeError
 from .teacher_cache import teacher_embeddings, teacher_max_tokens, teacher_query_text, teacher_top_k
 
 logger = logging.getLogger(__name__)
@@ -192,6 +192,18 @@ def corpus_sentences(dataset: RetrievalDataset, count: int, seed: int, min_words
     return sentences
 
 
+def oversample(sources: list[Source], counts: dict[str, int]) -> None:
+    """Repeat the train rows of the named sources `counts[name]` times (an epoch then sees them that often)."""
+    names = {s.name for s in sources}
+    unknown = sorted(set(counts) - names)
+    if unknown:
+        raise RecipeError(f"data.oversample names {unknown}, which are not sources of this recipe; its sources are "
+                          f"{sorted(names)}")
+    for source in sources:
+        if counts.get(source.name, 1) > 1:
+            source.splits["train"] = source.splits.get("train", []) * counts[source.name]
+
+
 def build_training_data(
     recipe: Recipe,
     model: Any,
@@ -268,6 +280,7 @@ def build_training_data(
             top_k=torch.full((len(texts), 1), -1, dtype=torch.long), gold=[[] for _ in texts],
             splits={"train": list(range(len(texts)))},
         ))
+    oversample(sources, d.oversample)
     docs = torch.cat(documents) if documents else torch.empty((0, fingerprint.dim))
     keys = sorted({feature_key(p, layer) for p in f.poolings for layer in f.layers})
     return TrainingData(sources, docs, doc_ids, fingerprint, int(model.config.base_hidden_size), keys)

@@ -77,7 +77,7 @@ def tiny_recipe(root: Path, **overrides) -> Recipe:
                  "dropout": 0.1, "max_length": 64},
         "features": {"layers": [1, 2, 3], "poolings": ["mean", "last_token"], "token_layer": 3, "batch_size": 8,
                      "cache_dir": str(root / "cache")},
-        "data": {"root": str(root / "data"), "datasets": ["tiny"], "eval_datasets": ["tiny"],
+        "data": {"root": str(root / "data"), "datasets": ["tiny"], "eval_datasets": ["tiny"], "oversample": {},
                  "dev_fraction": 0.2, "test_fraction": 0.2},
         "loss": {"top_k": 8},
         "train": {"lr": 1e-3, "batch_size": 8, "max_steps": 12, "eval_every": 4, "save_every": 4, "log_every": 1,
