@@ -158,6 +158,20 @@ def write_results(name: str, data: dict[str, Any], markdown: str, folder: str | 
     return out / f"{name}.json"
 
 
+def publish(name: str, result: dict[str, Any], markdown: Any, plot: Any = None,
+            folder: str | Path = RESULTS) -> str:
+    """Write `<name>.png` (when `plot(result, path)` draws one; recorded as `result["plot"]`), then the JSON and
+    the `markdown(result)` table; print and return the table."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    if plot is not None and plot(result, out / f"{name}.png"):
+        result["plot"] = f"{name}.png"
+    text = markdown(result)
+    write_results(name, result, text, out)
+    print(text)
+    return text
+
+
 def pyplot() -> Any:
     """matplotlib's pyplot on the non-interactive Agg backend, or None when matplotlib is not installed."""
     try:

@@ -32,11 +32,11 @@ from common import (
     head_summary,
     load_model_and_teacher,
     machine_info,
+    publish,
     pyplot,
     resolve_head,
     set_threads,
     summarize,
-    write_results,
 )
 
 PATHS = {
@@ -202,13 +202,7 @@ def main() -> None:
                   flush=True)
     result["machine"]["torch_threads"] = sorted({r["threads"] for r in result["batches"]})
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    if plot(result, out / f"{name}.png"):
-        result["plot"] = f"{name}.png"
-    text = markdown(result)
-    write_results(name, result, text, out)
-    print(text)
+    publish(name, result, markdown, plot, args.results)
 
 
 if __name__ == "__main__":

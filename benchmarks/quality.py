@@ -31,10 +31,10 @@ from common import (
     head_summary,
     load_model_and_teacher,
     machine_info,
+    publish,
     pyplot,
     resolve_head,
     set_threads,
-    write_results,
 )
 
 METRICS = ("ndcg@10", "recall@10", "mrr@10")
@@ -197,13 +197,7 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - started, 1),
     }
     name = args.name or "quality"
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    if plot(result, out / f"{name}.png"):
-        result["plot"] = f"{name}.png"
-    text = markdown(result)
-    write_results(name, result, text, out)
-    print(text)
+    publish(name, result, markdown, plot, args.results)
 
 
 if __name__ == "__main__":
