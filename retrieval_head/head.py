@@ -18,14 +18,16 @@ class ProjectionHead(nn.Module):
     parameter-free LayerNorm, since middle layers of LMs have activations in the hundreds; pooled features
     of `linear`/`mlp` heads therefore depend on no weight and can be cached for training.
 
-    The `linear`/`mlp` path calls the functional ops on the layers' parameters rather than the layer modules:
-    at batch 1 on CPU each module call costs as much as a small matmul, and this path is the agent's whole
-    query-embedding step.
+    The `linear`/`mlp` path is the agent's whole query-embedding step, so it is kept lean: functional ops on
+    the layers' parameters rather than module calls, and the settings it reads are plain attributes copied
+    from the config (a `PretrainedConfig` attribute lookup costs ~1 µs, as much as a small op at batch 1).
     """
 
     def __init__(self, config: RetrievalHeadConfig, hidden_size: int) -> None:
         super().__init__()
         self.config = config
+        self.head_type, self.pooling, self.normalize = config.head_type, config.pooling, config.normalize
+        self.dropout = config.dropout
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)
         try:
@@ -55,28 +57,27 @@ class ProjectionHead(nn.Module):
     @property
     def token_level(self) -> bool:
         """Whether the head needs every token's state (transformer) rather than a pooled vector."""
-        return self.config.head_type == "transformer"
+        return self.head_type == "transformer"
 
     def features(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Weight-free input of the head: standardised states, pooled unless the head is token-level."""
-        states = states.float()
-        states = F.layer_norm(states, states.shape[-1:])
-        return states if self.token_level else pool(states, mask, self.config.pooling)
+        states = F.layer_norm(states.float(), states.shape[-1:])
+        return states if self.head_type == "transformer" else pool(states, mask, self.pooling)
 
     def project_features(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Map `features()` output to embeddings (L2-normalised when the config says so)."""
-        if self.token_level:
-            tokens = self.encoder(self.token_in(features), src_key_padding_mask=~mask.bool())
-            out = self.project(pool(tokens, mask, self.config.pooling))
-        elif self.config.head_type == "linear":
-            out = F.linear(features, self.project.weight, self.project.bias)
-        else:
+        if self.head_type == "mlp":
             first, _, _, last = self.project
             hidden = F.gelu(F.linear(features, first.weight, first.bias))
             if self.training:
-                hidden = F.dropout(hidden, self.config.dropout, training=True)
+                hidden = F.dropout(hidden, self.dropout, training=True)
             out = F.linear(hidden, last.weight, last.bias)
-        return F.normalize(out, dim=-1) if self.config.normalize else out
+        elif self.head_type == "linear":
+            out = F.linear(features, self.project.weight, self.project.bias)
+        else:
+            tokens = self.encoder(self.token_in(features), src_key_padding_mask=~mask.bool())
+            out = self.project(pool(tokens, mask, self.pooling))
+        return F.normalize(out, dim=-1) if self.normalize else out
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Embeddings [B, output_dim] (fp32) for token states [B, T, H] and a span mask [B, T]."""

@@ -24,6 +24,16 @@ def test_mean_pool_ignores_states_outside_the_span() -> None:
     assert torch.equal(mean_pool(noisy, mask), mean_pool(STATES, mask))
 
 
+def test_mean_pool_full_span_equals_the_masked_mean() -> None:
+    """A mask over every column takes the plain-mean shortcut; it must agree with the masked mean."""
+    states = torch.randn(3, 5, 8)
+    full = mean_pool(states, torch.ones(3, 5, dtype=torch.long))
+    masked = mean_pool(torch.cat([states, torch.full((3, 1, 8), 1e6)], dim=1),
+                       torch.cat([torch.ones(3, 5), torch.zeros(3, 1)], dim=1))
+    assert torch.allclose(full, masked, atol=1e-5)
+    assert torch.allclose(full, states.sum(1) / 5, atol=1e-6)
+
+
 def test_last_token_right_padding() -> None:
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     assert torch.equal(last_token_pool(STATES, mask), torch.tensor([[2.0, -2.0], [11.0, -11.0]]))
