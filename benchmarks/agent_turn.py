@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from common import UNTRAINED, resolve_head
+from common import UNTRAINED, cpu_model, machine_info, resolve_head
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[1] / "data" / "dstc11_track5_val_reviewdoc"
@@ -197,9 +196,10 @@ def main() -> None:
                   "kept_MiB": round(rows[0]["kept_bytes"] / 2**20, 3)} for mode, rows in modes.items()}
     same_queries = sum(x["query"] == y["query"] for x, y in zip(two, native, strict=True))
     results = {
+        "machine": machine_info(),
         "setup": {"agent": "HuggingFaceTB/SmolLM2-135M-Instruct (fp32)", "teacher": "all-MiniLM-L6-v2",
                   "head": args.head or f"untrained {args.head_type} head at layer {args.layer}",
-                  "threads": args.threads, "machine": platform.processor() or platform.machine(),
+                  "threads": args.threads, "machine": cpu_model(),
                   "torch": torch.__version__, "runs": args.runs, "max_new_tokens": args.max_new_tokens,
                   "docs_indexed": len(index), "k": args.k, "setup_s": round(setup_s, 1),
                   "capture_point": agent.capture_point.name},
