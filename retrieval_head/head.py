@@ -62,7 +62,7 @@ class ProjectionHead(nn.Module):
     def features(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Weight-free input of the head: standardised states, pooled unless the head is token-level."""
         states = F.layer_norm(states.float(), states.shape[-1:])
-        return states if self.head_type == "transformer" else pool(states, mask, self.pooling)
+        return states if self.token_level else pool(states, mask, self.pooling)
 
     def project_features(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Map `features()` output to embeddings (L2-normalised when the config says so)."""
