@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import UNTRAINED, cpu_model, machine_info, resolve_head
+from common import UNTRAINED, machine_info, resolve_head
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[1] / "data" / "dstc11_track5_val_reviewdoc"
@@ -199,7 +199,7 @@ def main() -> None:
         "machine": machine_info(),
         "setup": {"agent": "HuggingFaceTB/SmolLM2-135M-Instruct (fp32)", "teacher": "all-MiniLM-L6-v2",
                   "head": args.head or f"untrained {args.head_type} head at layer {args.layer}",
-                  "threads": args.threads, "machine": cpu_model(),
+                  "threads": args.threads,
                   "torch": torch.__version__, "runs": args.runs, "max_new_tokens": args.max_new_tokens,
                   "docs_indexed": len(index), "k": args.k, "setup_s": round(setup_s, 1),
                   "capture_point": agent.capture_point.name},
@@ -237,8 +237,8 @@ def markdown(r: dict) -> str:
         "",
         f"{s['agent']} agent, {s['teacher']} teacher, {s['head']}; {s['docs_indexed']} DSTC11 documents in a flat "
         f"index, k={s['k']}; greedy, at most {s['max_new_tokens']} query tokens (median {r['median_new_tokens']}); "
-        f"medians of {s['runs']} runs; CPU ({s['machine']}), {s['threads']} torch thread(s), torch {s['torch']}. "
-        f"Capture: forward hook on `{s['capture_point']}`.",
+        f"medians of {s['runs']} runs; CPU ({r['machine']['cpu']}), {s['threads']} torch thread(s), "
+        f"torch {s['torch']}. Capture: forward hook on `{s['capture_point']}`.",
         "",
         "| step (ms) | (a) LM + teacher | (b) native (head on generation's states) |",
         "|---|---:|---:|",

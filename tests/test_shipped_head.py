@@ -39,7 +39,7 @@ def test_shipped_head_retains_teacher_quality_on_held_out_dialogues(embedded_tea
     head_q = torch.from_numpy(model.encode([q.as_messages() for q in queries], normalize_embeddings=True))
 
     cosine = (head_q * teacher_q).sum(-1)
-    # Measured on the whole test split: cosine 0.75, R@100 retention 0.83, nDCG@10 retention 0.83; an untrained
+    # Measured on the whole test split: cosine 0.77, R@100 retention 0.87, nDCG@10 retention 0.86; an untrained
     # head scores near zero on all three. The margins absorb the 60-query sample.
     assert float(cosine.mean()) > 0.6
     qrels = {q.id: dataset.qrels[q.id] for q in queries}
