@@ -8,6 +8,7 @@ from .config import RetrievalHeadConfig
 from .head import ProjectionHead
 from .model import BaseMismatchError, RetrievalModel, get_retrieval_model
 from .persistence import HeadFolderError
+from .quantization import HeadQuantizationError
 from .version import __version__
 
 register_auto_classes()
@@ -31,6 +32,7 @@ __all__ = [
     "BaseMismatchError",
     "DocumentIndex",
     "HeadFolderError",
+    "HeadQuantizationError",
     "NativeRetriever",
     "ProjectionHead",
     "RetrievalHeadConfig",

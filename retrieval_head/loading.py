@@ -10,6 +10,7 @@ from torch import nn
 
 from .defaults import load_base
 from .persistence import HeadFolderError, read_config, read_weights
+from .quantization import check_quantize_to
 
 if TYPE_CHECKING:
     from .model import RetrievalModel
@@ -38,14 +39,21 @@ def load_retrieval_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     allow_merged: bool = False,
+    quantize_head_to: str | None = None,
     **kwargs: Any,
 ) -> RetrievalModel:
-    """Build base + head from a head folder/repo; `config` is accepted for transformers' Auto classes."""
+    """Build base + head from a head folder/repo; `config` is accepted for transformers' Auto classes.
+
+    `quantize_head_to` ("float16" or "int8") runs the head's dense layers with lower-precision weights on the
+    CPU (`RetrievalModel.quantize_head`); checked before anything loads.
+    """
     hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
     for ignored in ("trust_remote_code", "_from_auto", "_from_pipeline", "adapter_kwargs"):
         kwargs.pop(ignored, None)
     if kwargs:
         raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(sorted(kwargs))}.")
+    if quantize_head_to is not None:
+        check_quantize_to(quantize_head_to)
     folder = resolve_head_folder(head_name_or_path, **hub_kwargs)
     head_config = read_config(folder)
     weights = read_weights(folder)
@@ -74,4 +82,6 @@ def load_retrieval_model(
         from .encode_adapter import load_encode_adapter
 
         load_encode_adapter(model, folder)
+    if quantize_head_to is not None:
+        model.quantize_head(quantize_head_to)
     return model

@@ -247,6 +247,15 @@ class RetrievalModel(nn.Module, PushToHubMixin):
 
         return load_retrieval_model(cls, head_name_or_path, base_model=base_model, tokenizer=tokenizer, **kwargs)
 
+    def quantize_head(self, dtype: str | None = "float16") -> RetrievalModel:
+        """Embed with the head's dense weights in `dtype` ("float16" or "int8") on the CPU; None: fp32 again.
+
+        Halves / quarters the bytes the head reads per query (the cost of the agent's embedding step at batch
+        1); the fp32 weights stay for training and saving. See `ProjectionHead.quantize`.
+        """
+        self.head.quantize(dtype)
+        return self
+
     def num_head_parameters(self) -> int:
         return sum(p.numel() for p in self.head.parameters())
 

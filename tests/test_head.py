@@ -108,3 +108,64 @@ def test_transformer_head_has_an_encoder_and_more_parameters() -> None:
     assert transformer.token_level and not mlp.token_level
     assert len(transformer.encoder.layers) == 2
     assert sum(p.numel() for p in transformer.parameters()) > sum(p.numel() for p in mlp.parameters())
+
+
+@pytest.mark.parametrize("head_type", ["linear", "mlp"])
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_quantized_inference_stays_close_to_fp32_and_keeps_the_weights(head_type: str, dtype: str) -> None:
+    states, mask = states_and_mask()
+    head = ProjectionHead(small_config(head_type=head_type), HIDDEN).eval()
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    with torch.inference_mode():
+        exact = head(states, mask)
+        assert head.quantize(dtype) is head and head.quantized_to == dtype
+        quantized = head(states, mask)
+    assert not torch.equal(quantized, exact)  # the packed weights ran
+    limit = 1e-3 if dtype == "float16" else 2e-2
+    assert (quantized - exact).abs().max() < limit
+    assert set(head.state_dict()) == set(state)  # nothing packed is saved
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in state.items())
+    with torch.inference_mode():
+        torch.testing.assert_close(head.quantize(None)(states, mask), exact, atol=0, rtol=0)
+
+
+def test_quantized_head_uses_fp32_when_training_or_when_gradients_are_wanted() -> None:
+    states, mask = states_and_mask()
+    head = ProjectionHead(small_config(), HIDDEN).eval()
+    with torch.inference_mode():
+        exact = head(states, mask)
+    head.quantize("int8")
+    with torch.no_grad():
+        assert not torch.equal(head(states, mask), exact)
+    out = head(states, mask)  # gradients enabled: the fp32 weights, differentiable
+    torch.testing.assert_close(out.detach(), exact, atol=0, rtol=0)
+    out.sum().backward()
+    assert all(p.grad is not None for p in head.parameters())
+    head.train()
+    with torch.no_grad():
+        torch.testing.assert_close(head(states, mask), exact, atol=0, rtol=0)
+
+
+def test_quantized_head_packs_again_when_its_weights_change() -> None:
+    states, mask = states_and_mask()
+    head = ProjectionHead(small_config(), HIDDEN).eval().quantize("float16")
+    with torch.inference_mode():
+        before = head(states, mask)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.mul_(-1.5)  # in place, as an optimizer step or load_state_dict does
+    with torch.inference_mode():
+        after = head(states, mask)
+        exact = head.quantize(None)(states, mask)
+    assert (after - before).abs().max() > 0.1
+    assert (after - exact).abs().max() < 1e-3
+
+
+def test_quantize_refuses_a_transformer_head_and_unknown_precisions() -> None:
+    head = ProjectionHead(small_config(head_type="transformer"), HIDDEN)
+    with pytest.raises(ValueError, match="'transformer'"):
+        head.quantize("int8")
+    mlp = ProjectionHead(small_config(), HIDDEN)
+    with pytest.raises(ValueError, match="'float16' or 'int8'"):
+        mlp.quantize("bfloat16")
+    assert mlp.quantized_to is None

@@ -277,3 +277,27 @@ def test_from_pretrained_on_a_device(tmp_path) -> None:
     again = RetrievalModel.from_pretrained(folder, device="cpu")
     assert again.device.type == "cpu" and again.head_device.type == "cpu"
     assert np.abs(again.encode(TEXTS[:2]) - model.encode(TEXTS[:2])).max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_a_quantized_head_saves_its_fp32_weights_and_loads_quantized(tmp_path, dtype: str) -> None:
+    model, folder = saved(tmp_path)
+    written = folder_bytes(folder)
+    exact = model.encode(TEXTS)
+    model.quantize_head(dtype)
+    quantized = model.encode(TEXTS)
+    assert not np.array_equal(quantized, exact)
+    assert np.abs(quantized - exact).max() < 2e-2
+    again = model.save_pretrained(tmp_path / "again")
+    assert folder_bytes(again)[WEIGHTS_NAME] == written[WEIGHTS_NAME]
+    loaded = RetrievalModel.from_pretrained(folder, quantize_head_to=dtype)
+    assert loaded.head.quantized_to == dtype
+    np.testing.assert_array_equal(loaded.encode(TEXTS), quantized)
+    assert RetrievalModel.from_pretrained(folder).head.quantized_to is None
+
+
+def test_from_pretrained_checks_quantize_head_to_before_loading(tmp_path) -> None:
+    from retrieval_head import HeadQuantizationError
+
+    with pytest.raises(HeadQuantizationError, match="quantize_to='bf16'"):
+        RetrievalModel.from_pretrained(tmp_path / "no-such-head", quantize_head_to="bf16")

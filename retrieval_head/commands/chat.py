@@ -33,6 +33,8 @@ def register(subparsers: Any) -> None:
                         help="embedding that searches: the user's last message read from the same generation's "
                              "prefill (default; what a head trained on dialogues reads best), or the query the LM "
                              "writes")
+    parser.add_argument("--quantize-head-to", choices=("float16", "int8"), default=None,
+                        help="run the head with float16 or int8 weights on the CPU (2x / 4x fewer bytes per query)")
     parser.add_argument("--system", default=None, help="system message of the conversation")
     parser.add_argument("--no-check-teacher", action="store_true",
                         help="skip the check that the index was built by the head's teacher")
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from ..agent import EmptyQuerySpanError, NativeRetriever
     from ..model import RetrievalModel
 
-    model = RetrievalModel.from_pretrained(args.head)
+    model = RetrievalModel.from_pretrained(args.head, quantize_head_to=args.quantize_head_to)
     corpus = _read_corpus(Path(args.data)) if args.data else None
     index = _load_index(args, model, corpus)
     agent = NativeRetriever(model, index, check_teacher=not args.no_check_teacher, search_with=args.search_with)

@@ -43,6 +43,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="Encode batch size (default: %(default)s).")
     parser.add_argument("--worst", type=int, default=10, help="Worst queries listed (default: %(default)s).")
     parser.add_argument("--no-bm25", action="store_true", help="Skip the BM25 floor.")
+    parser.add_argument("--quantize-head-to", choices=("float16", "int8"), default=None,
+                        help="Evaluate the head run with float16 or int8 weights (CPU; default: fp32).")
     parser.add_argument("--device", default=None, help="Torch device for the LM, head and teacher (default: cpu).")
     parser.add_argument("--progress", action="store_true", help="Show progress bars.")
     parser.set_defaults(run=run)
@@ -106,7 +108,7 @@ def evaluate_head(args: argparse.Namespace) -> dict[str, Any]:
     from ..model import RetrievalModel
 
     dataset = load_dataset_folder(args.data)  # first: a bad folder fails before any model loads
-    model = RetrievalModel.from_pretrained(args.head, device=args.device)
+    model = RetrievalModel.from_pretrained(args.head, device=args.device, quantize_head_to=args.quantize_head_to)
     info = model.config.teacher or {}
     if not info.get("teacher_id"):
         raise ValueError(f"the head {args.head} records no teacher (config.json has no 'teacher' fingerprint), so "
@@ -124,6 +126,7 @@ def evaluate_head(args: argparse.Namespace) -> dict[str, Any]:
                                           show_progress_bar=args.progress)
     report["dataset"] = dataset.name
     report["head"] = str(args.head)
+    report["head_weights"] = model.head.quantized_to or "float32"
     report["base"] = model.config.base_model_name_or_path
     report["split"] = {"name": args.split, "max_queries": args.max_queries,
                        **(split_settings(model) if args.split == "test" else {})}
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:  # data/format/teacher/index errors all name their cause
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"head {report['head']} (base {report['base']}) vs teacher {report['teacher']['teacher_id']}, "
+    print(f"head {report['head']} ({report['head_weights']} weights; base {report['base']}) vs teacher {report['teacher']['teacher_id']}, "
           f"split {report['split']['name']}; index {report['index']['source']}")
     print(format_report(report))
     if args.output:

@@ -109,3 +109,11 @@ def test_a_head_without_teacher_is_refused(world, tmp_path: Path, capsys) -> Non
     (head / "config.json").write_text(json.dumps(config))
     assert main(["eval", "--head", str(head), "--data", str(world.data)]) == 2
     assert "records no teacher" in capsys.readouterr().err
+
+
+def test_eval_of_a_head_with_int8_weights_records_them(world, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "int8.json"
+    assert run(world, "--split", "all", "--quantize-head-to", "int8", "--no-bm25", "--output", str(out)) == 0
+    assert "int8 weights" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["head_weights"] == "int8" and report["queries"] == 30
