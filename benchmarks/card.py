@@ -45,6 +45,8 @@ def card_metrics(quality: dict[str, Any], latency: dict[str, Any]) -> dict[str, 
     metrics["speed"] = {
         "device": f"CPU ({latency['machine']['cpu']}), {batch1['threads']} torch thread(s), batch 1",
         "head_ms_per_query_on_existing_states": round(batch1["head"]["median_ms"], 3),
+        **{f"head_{dtype}_weights_ms_per_query_on_existing_states": round(batch1[f"head_{dtype}"]["median_ms"], 3)
+           for dtype in ("float16", "int8") if f"head_{dtype}" in batch1},
         "lm_forward_plus_head_ms_per_query": round(batch1["lm_head"]["median_ms"], 1),
         "teacher_ms_per_query": round(batch1["teacher"]["median_ms"], 2),
     }

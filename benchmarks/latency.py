@@ -5,9 +5,12 @@
     embedding NEW text costs (also shown: the LM forward on pre-tokenized input + head, without the tokenizer);
 (c) the head alone on hidden states that already exist (the agent case: generation computed them): one call of
     `model.head(states, span_mask)` on the columns of the query's own tokens (what `NativeRetriever` passes)
-    under `torch.inference_mode()`, no tokenizer, no Python loop.
+    under `torch.inference_mode()`, no tokenizer, no Python loop; with fp32 weights (as trained), and with the
+    same head quantized to float16 and to int8 weights (`model.quantize_head`, CPU only; their retrieval quality
+    is measured side by side by `benchmarks/quantization.py`).
 
-Reports (a)/(c) (the agent-path speed-up; target >= 100x at batch 1) and (a)/(b) (< 1: new text pays an LM pass).
+Reports (a)/(c) for each (the agent-path speed-up; target >= 100x at batch 1) and (a)/(b) (< 1: new text pays an
+LM pass).
 Each timing is the median of `--runs` runs after `--warmup` runs; runs cycle through real query texts (the
 questions of `--data`). Speed does not depend on training, so an untrained head measures the same as a trained
 one of the same type and layer. Writes benchmarks/results/latency.{json,md,png}. Usage:
@@ -43,8 +46,12 @@ PATHS = {
     "teacher": "(a) teacher `encode` (query text)",
     "lm_head": "(b) LM forward + head (`encode_query`, tokenizer included)",
     "lm_forward_head": "(b') LM forward + head on pre-tokenized input",
-    "head": "(c) head alone on existing hidden states",
+    "head": "(c) head alone on existing hidden states, fp32 weights",
+    "head_float16": "(c) same, float16 weights",
+    "head_int8": "(c) same, int8 weights",
 }
+SPEEDUPS = {"speedup_a_over_c": "fp32", "speedup_a_over_c_float16": "float16", "speedup_a_over_c_int8": "int8"}
+HEAD_PATHS = {"head": None, "head_float16": "float16", "head_int8": "int8"}  # path -> quantize_head(...)
 
 
 def time_runs(fn: Callable[[int], Any], runs: int, warmup: int) -> list[float]:
@@ -101,14 +108,19 @@ def measure(model: Any, teacher: Any, texts: list[str], batch: int, runs: int, w
         with torch.inference_mode():
             head(states[i % n], masks[i % n])
 
+
     out: dict[str, Any] = {"batch_size": batch, "threads": torch.get_num_threads(), "distinct_batches": n,
                            "mean_tokens": float(torch.cat([x["attention_mask"].sum(1) for x in inputs]).float().mean()),
                            "mean_span_tokens": float(torch.cat([m.sum(1) for m in masks]).float().mean())}
-    for key, fn in (("teacher", run_teacher), ("lm_head", run_lm_head), ("lm_forward_head", run_lm_forward_head),
-                    ("head", run_head)):
+    for key, fn in (("teacher", run_teacher), ("lm_head", run_lm_head), ("lm_forward_head", run_lm_forward_head)):
         out[key] = summarize(time_runs(fn, runs, warmup))
-    a, b, c = (out[k]["median_ms"] for k in ("teacher", "lm_head", "head"))
-    out["speedup_a_over_c"] = a / c
+    for key, dtype in HEAD_PATHS.items():
+        model.quantize_head(dtype)
+        out[key] = summarize(time_runs(run_head, runs, warmup))
+    model.quantize_head(None)
+    a, b = out["teacher"]["median_ms"], out["lm_head"]["median_ms"]
+    for key in HEAD_PATHS:
+        out[f"speedup_a_over_{'c' if key == 'head' else 'c_' + key.removeprefix('head_')}"] = a / out[key]["median_ms"]
     out["speedup_a_over_b"] = a / b
     return out
 
@@ -127,14 +139,16 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for key, label in PATHS.items():
         lines.append(f"| {label} | " + " | ".join(fmt(r[key]["median_ms"]) for r in result["batches"]) + " |")
-    lines.append("| **(a)/(c)**: head on existing states vs teacher | "
-                 + " | ".join(f"**{r['speedup_a_over_c']:.1f}x**" for r in result["batches"]) + " |")
+    for key, label in SPEEDUPS.items():
+        lines.append(f"| **(a)/(c)**: head on existing states vs teacher, {label} weights | "
+                     + " | ".join(f"**{r[key]:.1f}x**" for r in result["batches"]) + " |")
     lines.append("| (a)/(b): `encode()` on new text vs teacher | "
                  + " | ".join(f"{r['speedup_a_over_b']:.2f}x" for r in result["batches"]) + " |")
     first = result["batches"][0]
     ones = [r for r in result["batches"] if r["batch_size"] == 1]
-    target = "; ".join(f"{r['speedup_a_over_c']:.1f}x with {r['threads']} thread(s) "
-                       f"({'met' if r['speedup_a_over_c'] >= 100 else 'not met'})" for r in ones)
+    target = "; ".join(f"{label} weights {r[key]:.1f}x with {r['threads']} thread(s) "
+                       f"({'met' if r[key] >= 100 else 'not met'})"
+                       for r in ones for key, label in SPEEDUPS.items())
     lines += [
         "",
         f"Query tokens as the LM reads them (chat template included): {first['mean_tokens']:.1f} on average, "
@@ -153,7 +167,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     if plt is None:
         return False
     keys = list(PATHS)
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(8.5, 3.8))
     width = 0.8 / len(result["batches"])
     for j, r in enumerate(result["batches"]):
         values = [r[k]["median_ms"] for k in keys]
@@ -162,7 +176,8 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         ax.bar_label(bars, labels=[f"{v:.2f}" if v < 10 else f"{v:.0f}" for v in values], fontsize=7)
     ax.set_yscale("log")
     ax.set_xticks(range(len(keys)), ["(a) teacher\nencode", "(b) LM + head\nencode_query", "(b') LM fwd\n+ head",
-                                     "(c) head on\nexisting states"], fontsize=8)
+                                     "(c) head on\nexisting states", "(c) float16\nweights", "(c) int8\nweights"],
+                  fontsize=8)
     ax.set_ylabel("ms per batch (median, log scale)")
     ax.set_title("Query embedding latency", fontsize=10)
     ax.legend(fontsize=8)

@@ -145,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:  # data/format/teacher/index errors all name their cause
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"head {report['head']} ({report['head_weights']} weights; base {report['base']}) vs teacher {report['teacher']['teacher_id']}, "
+    print(f"head {report['head']} ({report['head_weights']} weights; base {report['base']}) "
+          f"vs teacher {report['teacher']['teacher_id']}, "
           f"split {report['split']['name']}; index {report['index']['source']}")
     print(format_report(report))
     if args.output:
