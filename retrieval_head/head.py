@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from .config import RetrievalHeadConfig
 from .pooling import pool
-from .quantization import HeadQuantizationError, Packed, check_quantize_to, pack_weight, quantized_linear
+from .quantization import HeadQuantizationError, PackedLayers, check_quantize_to, layers_key
 
 
 class ProjectionHead(nn.Module):
@@ -32,7 +32,7 @@ class ProjectionHead(nn.Module):
         self.head_type, self.pooling, self.normalize = config.head_type, config.pooling, config.normalize
         self.dropout = config.dropout
         self.quantized_to: str | None = None
-        self._packed: tuple[tuple, tuple[Packed, ...]] | None = None
+        self._packed: PackedLayers | None = None
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)
         try:
@@ -78,18 +78,20 @@ class ProjectionHead(nn.Module):
             tokens = self.encoder(self.token_in(features), src_key_padding_mask=~mask.bool())
             out = self.project(pool(tokens, mask, self.pooling))
         else:
-            packed = self._packed_weights(features) if self.quantized_to else None
-            out = features
-            for i, layer in enumerate(self._dense):
-                if i:  # between the MLP's two layers
-                    out = F.gelu(out)
-                    if self.training:
-                        out = F.dropout(out, self.dropout, training=True)
-                if packed is None:
+            packed = self._packed_layers(features) if self.quantized_to else None
+            if packed is not None:
+                out = packed(features)
+            else:
+                out = features
+                for i, layer in enumerate(self._dense):
+                    if i:  # between the MLP's two layers
+                        out = F.gelu(out)
+                        if self.training:
+                            out = F.dropout(out, self.dropout, training=True)
                     out = F.linear(out, layer.weight, layer.bias)
-                else:
-                    out = quantized_linear(out, packed[i], layer.bias)
-        return F.normalize(out, dim=-1) if self.normalize else out
+        if not self.normalize:
+            return out
+        return out / torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min(1e-12)  # = F.normalize, leaner
 
     def quantize(self, dtype: str | None = "float16") -> ProjectionHead:
         """Run inference with the dense layers' weights in `dtype` ("float16" or "int8"); None: fp32 again.
@@ -111,23 +113,21 @@ class ProjectionHead(nn.Module):
                                         "the fp32 head is already fast: leave it unquantized.")
         previous, self.quantized_to, self._packed = (self.quantized_to, self._packed), dtype, None
         try:
-            self._packed_weights(self._dense[0].weight, force=True)
+            self._packed_layers(self._dense[0].weight, force=True)
         except RuntimeError as error:  # e.g. a torch build without fbgemm
             self.quantized_to, self._packed = previous
             raise HeadQuantizationError(f"this torch build cannot run {dtype} head weights on the CPU ({error}); "
                                         "use another quantize_to or the fp32 head (None).") from error
         return self
 
-    def _packed_weights(self, features: torch.Tensor, force: bool = False) -> tuple[Packed, ...] | None:
-        """The dense layers' weights packed for `quantized_to` (packed again when a weight changed), or None
-        where the fp32 path runs: training, gradients wanted, or inputs off the CPU."""
+    def _packed_layers(self, features: torch.Tensor, force: bool = False) -> PackedLayers | None:
+        """The dense layers packed for `quantized_to` (packed again when a parameter changed), or None where
+        the fp32 path runs: training, gradients wanted, or inputs off the CPU."""
         if not force and (self.training or torch.is_grad_enabled() or features.device.type != "cpu"):
             return None
-        weights = tuple(layer.weight for layer in self._dense)
-        key = (self.quantized_to, *((w.data_ptr(), w._version) for w in weights))
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, tuple(pack_weight(w, self.quantized_to) for w in weights))
-        return self._packed[1]
+        if self._packed is None or self._packed.key != layers_key(self._dense):
+            self._packed = PackedLayers(self._dense, self.quantized_to)
+        return self._packed
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Embeddings [B, output_dim] (fp32) for token states [B, T, H] and a span mask [B, T]."""
