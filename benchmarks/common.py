@@ -91,6 +91,19 @@ def add_common_arguments(parser: argparse.ArgumentParser, head_default: str | No
     parser.add_argument("--name", default=None, help="Result file name stem (default: the benchmark's name).")
 
 
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bundled datasets to evaluate, where they live, and the teacher index / embedding caches."""
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), help="Default: every bundled dataset.")
+    parser.add_argument("--data-root", default=str(DATA), help="Folder of the datasets (default: %(default)s).")
+    parser.add_argument("--index-dir", default=str(ROOT / ".cache" / "indexes"),
+                        help="Where teacher indexes are kept and reused ('' to never save; default: %(default)s).")
+    parser.add_argument("--embeddings", default=str(ROOT / ".cache" / "features"),
+                        help="Teacher embedding cache (training's; the shipped data/teacher-embeddings is read too): "
+                             "a new index reuses documents the same teacher already embedded ('' to always "
+                             "embed; default: %(default)s).")
+    parser.add_argument("--max-queries", type=int, default=None, help="Seeded sample of test queries per dataset.")
+
+
 def resolve_head(spec: str | None) -> str:
     """The head to load: the given one, else the shipped head when it exists, else 'untrained'."""
     if spec:

@@ -22,10 +22,9 @@ from typing import Any
 import torch
 from common import (
     DATA,
-    DATASETS,
-    ROOT,
     UNTRAINED,
     add_common_arguments,
+    add_dataset_arguments,
     describe_machine,
     fmt,
     head_summary,
@@ -149,15 +148,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), help="Default: every bundled dataset.")
-    parser.add_argument("--data-root", default=str(DATA), help="Folder of the datasets (default: %(default)s).")
-    parser.add_argument("--index-dir", default=str(ROOT / ".cache" / "indexes"),
-                        help="Where teacher indexes are kept and reused ('' to never save; default: %(default)s).")
-    parser.add_argument("--embeddings", default=str(ROOT / ".cache" / "features"),
-                        help="Teacher embedding cache (training's; the shipped data/teacher-embeddings is read too): "
-                             "a new index reuses documents the same teacher already embedded ('' to always "
-                             "embed; default: %(default)s).")
-    parser.add_argument("--max-queries", type=int, default=None, help="Seeded sample of test queries per dataset.")
+    add_dataset_arguments(parser)
     parser.add_argument("--max-docs", type=int, default=None,
                         help="SMOKE RUNS ONLY: shrink each corpus to the relevant docs + others up to this many.")
     parser.add_argument("--batch-size", type=int, default=32, help="Encode batch size (default: %(default)s).")

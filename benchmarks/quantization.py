@@ -21,10 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from common import (
-    DATA,
-    DATASETS,
-    ROOT,
     add_common_arguments,
+    add_dataset_arguments,
     describe_machine,
     head_summary,
     load_model_and_teacher,
@@ -132,13 +130,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), help="Default: every bundled dataset.")
-    parser.add_argument("--data-root", default=str(DATA), help="Folder of the datasets (default: %(default)s).")
-    parser.add_argument("--index-dir", default=str(ROOT / ".cache" / "indexes"),
-                        help="Where teacher indexes are kept and reused ('' to never save; default: %(default)s).")
-    parser.add_argument("--embeddings", default=str(ROOT / ".cache" / "features"),
-                        help="Teacher embedding cache, as in quality.py (default: %(default)s).")
-    parser.add_argument("--max-queries", type=int, default=None, help="Seeded sample of test queries per dataset.")
+    add_dataset_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="LM batch size (default: %(default)s).")
     args = parser.parse_args()
     set_threads(args.threads)
