@@ -48,7 +48,7 @@ def build(args: argparse.Namespace):
         config = RetrievalHeadConfig(base_model_name_or_path=AGENT_ID, layer=args.layer, head_type=args.head_type,
                                      output_dim=fingerprint.dim, teacher=fingerprint.to_dict())
         model = get_retrieval_model(base, config, tokenizer=tokenizer)
-    model.eval()
+    model.eval().quantize_head(args.quantize_head_to)
     dataset = load_dataset_folder(args.data)
     doc_ids = dataset.doc_ids[: args.max_docs]
     index = DocumentIndex.build(teacher, {d: dataset.corpus[d] for d in doc_ids}, fingerprint=fingerprint)
@@ -159,6 +159,9 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: the shared 2-core CPU box thrashes with more)")
+    parser.add_argument("--quantize-head-to", choices=("float16", "int8"), default=None,
+                        help="run the head with float16 or int8 weights (default: fp32)")
+    parser.add_argument("--name", default="agent_turn", help="result file stem (default: %(default)s)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -198,7 +201,9 @@ def main() -> None:
     results = {
         "machine": machine_info(),
         "setup": {"agent": "HuggingFaceTB/SmolLM2-135M-Instruct (fp32)", "teacher": "all-MiniLM-L6-v2",
-                  "head": args.head or f"untrained {args.head_type} head at layer {args.layer}",
+                  "head": (args.head or f"untrained {args.head_type} head at layer {args.layer}")
+                  + (f", {args.quantize_head_to} weights" if args.quantize_head_to else ""),
+                  "head_weights": args.quantize_head_to or "float32",
                   "threads": args.threads,
                   "torch": torch.__version__, "runs": args.runs, "max_new_tokens": args.max_new_tokens,
                   "docs_indexed": len(index), "k": args.k, "setup_s": round(setup_s, 1),
@@ -225,15 +230,16 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "agent_turn.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out / "agent_turn.md").write_text(markdown(results), encoding="utf-8")
+    (out / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / f"{args.name}.md").write_text(markdown(results), encoding="utf-8")
     print(markdown(results))
 
 
 def markdown(r: dict) -> str:
     s, a, b, g = r["setup"], r["two_model_ms"], r["native_ms"], r["generation"]
     lines = [
-        "# One agent turn: two-model pipeline vs native query embedding",
+        "# One agent turn: two-model pipeline vs native query embedding"
+        + (f" ({s['head_weights']} head weights)" if s.get("head_weights", "float32") != "float32" else ""),
         "",
         f"{s['agent']} agent, {s['teacher']} teacher, {s['head']}; {s['docs_indexed']} DSTC11 documents in a flat "
         f"index, k={s['k']}; greedy, at most {s['max_new_tokens']} query tokens (median {r['median_new_tokens']}); "
