@@ -114,7 +114,7 @@ class ProjectionHead(nn.Module):
         previous, self.quantized_to, self._packed = (self.quantized_to, self._packed), dtype, None
         try:
             self._packed_layers(self._dense[0].weight, force=True)
-        except RuntimeError as error:  # e.g. a torch build without fbgemm
+        except (RuntimeError, AttributeError) as error:  # a torch built without (or dropping) these kernels
             self.quantized_to, self._packed = previous
             raise HeadQuantizationError(f"this torch build cannot run {dtype} head weights on the CPU ({error}); "
                                         "use another quantize_to or the fp32 head (None).") from error

@@ -169,3 +169,14 @@ def test_quantize_refuses_a_transformer_head_and_unknown_precisions() -> None:
     with pytest.raises(ValueError, match="'float16' or 'int8'"):
         mlp.quantize("bfloat16")
     assert mlp.quantized_to is None
+
+
+def test_quantize_on_a_torch_without_the_kernel_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.delattr(torch, "fbgemm_pack_gemm_matrix_fp16")  # as a later torch may drop it
+    head = ProjectionHead(small_config(), HIDDEN).eval()
+    with pytest.raises(ValueError, match="cannot run float16 head weights"):
+        head.quantize("float16")
+    assert head.quantized_to is None
+    states, mask = states_and_mask()
+    with torch.inference_mode():
+        assert torch.isfinite(head(states, mask)).all()  # still the working fp32 head
