@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from common import UNTRAINED, machine_info, resolve_head
 
+from retrieval_head.quantization import QUANTIZE_TO
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[1] / "data" / "dstc11_track5_val_reviewdoc"
 
@@ -159,7 +161,7 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: the shared 2-core CPU box thrashes with more)")
-    parser.add_argument("--quantize-head-to", choices=("float16", "int8"), default=None,
+    parser.add_argument("--quantize-head-to", choices=QUANTIZE_TO, default=None,
                         help="run the head with float16 or int8 weights (default: fp32)")
     parser.add_argument("--name", default="agent_turn", help="result file stem (default: %(default)s)")
     parser.add_argument("--out", default=str(RESULTS))

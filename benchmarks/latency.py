@@ -50,8 +50,15 @@ PATHS = {
     "head_float16": "(c) same, float16 weights",
     "head_int8": "(c) same, int8 weights",
 }
-SPEEDUPS = {"speedup_a_over_c": "fp32", "speedup_a_over_c_float16": "float16", "speedup_a_over_c_int8": "int8"}
 HEAD_PATHS = {"head": None, "head_float16": "float16", "head_int8": "int8"}  # path -> quantize_head(...)
+
+
+def speedup_key(dtype: str | None) -> str:
+    """Result key of (a)/(c) for the head with `dtype` weights (None: fp32)."""
+    return "speedup_a_over_c" + (f"_{dtype}" if dtype else "")
+
+
+SPEEDUPS = {speedup_key(dtype): dtype or "fp32" for dtype in HEAD_PATHS.values()}  # result key -> label
 
 
 def time_runs(fn: Callable[[int], Any], runs: int, warmup: int) -> list[float]:
@@ -108,7 +115,6 @@ def measure(model: Any, teacher: Any, texts: list[str], batch: int, runs: int, w
         with torch.inference_mode():
             head(states[i % n], masks[i % n])
 
-
     out: dict[str, Any] = {"batch_size": batch, "threads": torch.get_num_threads(), "distinct_batches": n,
                            "mean_tokens": float(torch.cat([x["attention_mask"].sum(1) for x in inputs]).float().mean()),
                            "mean_span_tokens": float(torch.cat([m.sum(1) for m in masks]).float().mean())}
@@ -119,8 +125,8 @@ def measure(model: Any, teacher: Any, texts: list[str], batch: int, runs: int, w
         out[key] = summarize(time_runs(run_head, runs, warmup))
     model.quantize_head(None)
     a, b = out["teacher"]["median_ms"], out["lm_head"]["median_ms"]
-    for key in HEAD_PATHS:
-        out[f"speedup_a_over_{'c' if key == 'head' else 'c_' + key.removeprefix('head_')}"] = a / out[key]["median_ms"]
+    for key, dtype in HEAD_PATHS.items():
+        out[speedup_key(dtype)] = a / out[key]["median_ms"]
     out["speedup_a_over_b"] = a / b
     return out
 

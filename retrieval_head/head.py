@@ -113,18 +113,22 @@ class ProjectionHead(nn.Module):
                                         "the fp32 head is already fast: leave it unquantized.")
         previous, self.quantized_to, self._packed = (self.quantized_to, self._packed), dtype, None
         try:
-            self._packed_layers(self._dense[0].weight, force=True)
+            self._pack()
         except (RuntimeError, AttributeError) as error:  # a torch built without (or dropping) these kernels
             self.quantized_to, self._packed = previous
             raise HeadQuantizationError(f"this torch build cannot run {dtype} head weights on the CPU ({error}); "
                                         "use another quantize_to or the fp32 head (None).") from error
         return self
 
-    def _packed_layers(self, features: torch.Tensor, force: bool = False) -> PackedLayers | None:
-        """The dense layers packed for `quantized_to` (packed again when a parameter changed), or None where
-        the fp32 path runs: training, gradients wanted, or inputs off the CPU."""
-        if not force and (self.training or torch.is_grad_enabled() or features.device.type != "cpu"):
+    def _packed_layers(self, features: torch.Tensor) -> PackedLayers | None:
+        """The packed dense layers, or None where the fp32 path runs: training, gradients wanted, or inputs off
+        the CPU."""
+        if self.training or torch.is_grad_enabled() or features.device.type != "cpu":
             return None
+        return self._pack()
+
+    def _pack(self) -> PackedLayers:
+        """The dense layers packed for `quantized_to`, packed again when a parameter changed."""
         if self._packed is None or self._packed.key != layers_key(self._dense):
             self._packed = PackedLayers(self._dense, self.quantized_to)
         return self._packed

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..quantization import QUANTIZE_TO
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -33,7 +35,7 @@ def register(subparsers: Any) -> None:
                         help="embedding that searches: the user's last message read from the same generation's "
                              "prefill (default; what a head trained on dialogues reads best), or the query the LM "
                              "writes")
-    parser.add_argument("--quantize-head-to", choices=("float16", "int8"), default=None,
+    parser.add_argument("--quantize-head-to", choices=QUANTIZE_TO, default=None,
                         help="run the head with float16 or int8 weights on the CPU (2x / 4x fewer bytes per query)")
     parser.add_argument("--system", default=None, help="system message of the conversation")
     parser.add_argument("--no-check-teacher", action="store_true",

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..quantization import QUANTIZE_TO
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -43,7 +45,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="Encode batch size (default: %(default)s).")
     parser.add_argument("--worst", type=int, default=10, help="Worst queries listed (default: %(default)s).")
     parser.add_argument("--no-bm25", action="store_true", help="Skip the BM25 floor.")
-    parser.add_argument("--quantize-head-to", choices=("float16", "int8"), default=None,
+    parser.add_argument("--quantize-head-to", choices=QUANTIZE_TO, default=None,
                         help="Evaluate the head run with float16 or int8 weights (CPU; default: fp32).")
     parser.add_argument("--device", default=None, help="Torch device for the LM, head and teacher (default: cpu).")
     parser.add_argument("--progress", action="store_true", help="Show progress bars.")
