@@ -39,6 +39,12 @@ class ProjectionHead(nn.Module):
             self._build(config, hidden_size)
         finally:
             torch.random.set_rng_state(generator_state)
+        self.register_load_state_dict_post_hook(ProjectionHead._drop_packed)
+
+    @staticmethod
+    def _drop_packed(module: nn.Module, incompatible_keys: object) -> None:
+        """New weights were loaded: pack them again on the next quantized call."""
+        module._packed = None
 
     def _build(self, config: RetrievalHeadConfig, hidden_size: int) -> None:
         if config.head_type == "linear":

@@ -32,8 +32,13 @@ def check_quantize_to(dtype: str) -> None:
 
 
 def layers_key(layers: Sequence[nn.Linear]) -> tuple[tuple[int, int], ...]:
-    """Changes whenever a layer's weight or bias is replaced or updated in place (optimizer, load_state_dict)."""
-    return tuple((t.data_ptr(), t._version) for layer in layers for t in (layer.weight, layer.bias))
+    """Changes whenever a layer's weight or bias is replaced or updated in place (optimizer, load_state_dict).
+
+    Tensors made under `torch.inference_mode()` (a head loaded there) keep no version counter: for them only a
+    replaced tensor shows; the head also drops its packed weights whenever `load_state_dict` runs.
+    """
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
+                 for layer in layers for t in (layer.weight, layer.bias))
 
 
 class PackedLayers:

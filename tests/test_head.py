@@ -180,3 +180,16 @@ def test_quantize_on_a_torch_without_the_kernel_is_a_clear_error(monkeypatch) ->
     states, mask = states_and_mask()
     with torch.inference_mode():
         assert torch.isfinite(head(states, mask)).all()  # still the working fp32 head
+
+
+def test_a_head_made_under_inference_mode_quantizes_and_packs_loaded_weights_again() -> None:
+    states, mask = states_and_mask()
+    donor = ProjectionHead(small_config(seed=3), HIDDEN).eval()
+    with torch.inference_mode():  # its parameters are inference tensors, which keep no version counter
+        head = ProjectionHead(small_config(), HIDDEN).eval().quantize("int8")
+        before = head(states, mask)
+        head.load_state_dict(donor.state_dict())  # copied in place
+        after = head(states, mask)
+        expected = donor(states, mask)
+    assert (after - before).abs().max() > 0.1
+    assert torch.nn.functional.cosine_similarity(after, expected).min() > 0.999
