@@ -6,6 +6,7 @@ from the results folder, checks that they measured this head, writes them to the
 generated section is kept). Usage:
 
     .venv/bin/python benchmarks/card.py [--head heads/smollm2-135m-minilm] [--results benchmarks/results]
+        [--quality quality] [--latency latency]
 """
 
 from __future__ import annotations
@@ -22,18 +23,28 @@ from common import RESULTS, SHIPPED_HEAD
 QUALITY_METRICS = ("ndcg@10", "recall@10", "mrr@10", "recall@100")
 
 
-def load_result(results: Path, name: str, head: Path) -> dict[str, Any]:
+def load_result(results: Path, benchmark: str, name: str, head: Path) -> dict[str, Any]:
+    """The result `name` of `benchmark`, checked to have measured `head`."""
     path = results / f"{name}.json"
+    rerun = f"benchmarks/{benchmark}.py --head {head}" + ("" if name == benchmark else f" --name {name}")
     if not path.is_file():
-        raise SystemExit(f"error: {path} is missing; run benchmarks/{name}.py first")
+        raise SystemExit(f"error: {path} is missing; run {rerun}")
     data = json.loads(path.read_text(encoding="utf-8"))
-    spec = (data.get("head") or {}).get("spec")
-    if spec is None or Path(spec).resolve() != head.resolve():
-        raise SystemExit(f"error: {path} measured {spec!r}, not {head}; rerun benchmarks/{name}.py --head {head}")
+    specs = [(data.get("head") or {}).get("spec"), *data.get("also_heads", {})]
+    if not any(spec and Path(spec).resolve() == head.resolve() for spec in specs):
+        raise SystemExit(f"error: {path} measured {specs[0]!r}, not {head}; rerun {rerun}")
     return data
 
 
-def card_metrics(quality: dict[str, Any], latency: dict[str, Any]) -> dict[str, Any]:
+def head_timings(batch: dict[str, Any], latency: dict[str, Any], head: Path) -> dict[str, Any]:
+    """The (c) timings of `head` in one batch result: the benchmark's main head, or one of its `--also-head`."""
+    for spec in batch.get("also_heads", {}):
+        if Path(spec).resolve() == head.resolve() != Path(latency["head"]["spec"]).resolve():
+            return batch["also_heads"][spec]
+    return batch
+
+
+def card_metrics(quality: dict[str, Any], latency: dict[str, Any], head: Path) -> dict[str, Any]:
     """`config.metrics` in the card's shape: per dataset head + teacher metrics, plus a speed entry."""
     metrics: dict[str, Any] = {}
     for r in quality["datasets"]:
@@ -42,11 +53,12 @@ def card_metrics(quality: dict[str, Any], latency: dict[str, Any]) -> dict[str, 
             **{side: {m: round(r["metrics"][side][m], 4) for m in QUALITY_METRICS} for side in ("head", "teacher")},
         }
     batch1 = next(b for b in latency["batches"] if b["batch_size"] == 1)
+    timings = head_timings(batch1, latency, head)
     metrics["speed"] = {
         "device": f"CPU ({latency['machine']['cpu']}), {batch1['threads']} torch thread(s), batch 1",
-        "head_ms_per_query_on_existing_states": round(batch1["head"]["median_ms"], 3),
-        **{f"head_{dtype}_weights_ms_per_query_on_existing_states": round(batch1[f"head_{dtype}"]["median_ms"], 3)
-           for dtype in ("float16", "int8") if f"head_{dtype}" in batch1},
+        "head_ms_per_query_on_existing_states": round(timings["head"]["median_ms"], 3),
+        **{f"head_{dtype}_weights_ms_per_query_on_existing_states": round(timings[f"head_{dtype}"]["median_ms"], 3)
+           for dtype in ("float16", "int8") if f"head_{dtype}" in timings},
         "lm_forward_plus_head_ms_per_query": round(batch1["lm_head"]["median_ms"], 1),
         "teacher_ms_per_query": round(batch1["teacher"]["median_ms"], 2),
     }
@@ -57,15 +69,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head", default=str(SHIPPED_HEAD), help="Head folder (default: %(default)s).")
     parser.add_argument("--results", default=str(RESULTS), help="Results folder (default: %(default)s).")
+    parser.add_argument("--quality", default="quality", help="Name of the quality result (default: %(default)s).")
+    parser.add_argument("--latency", default="latency", help="Name of the latency result (default: %(default)s).")
     args = parser.parse_args()
     from retrieval_head.config import RetrievalHeadConfig
     from retrieval_head.modelcard import CARD_NAME, write_card
 
     head, results = Path(args.head), Path(args.results)
-    quality, latency = load_result(results, "quality", head), load_result(results, "latency", head)
+    quality, latency = (load_result(results, "quality", args.quality, head),
+                        load_result(results, "latency", args.latency, head))
     config_path = head / "config.json"
     data = json.loads(config_path.read_text(encoding="utf-8"))
-    data["metrics"] = card_metrics(quality, latency)
+    data["metrics"] = card_metrics(quality, latency, head)
     tmp = config_path.with_name(".config.json.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, config_path)

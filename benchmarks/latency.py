@@ -7,7 +7,8 @@
     `model.head(states, span_mask)` on the columns of the query's own tokens (what `NativeRetriever` passes)
     under `torch.inference_mode()`, no tokenizer, no Python loop; with fp32 weights (as trained), and with the
     same head quantized to float16 and to int8 weights (`model.quantize_head`, CPU only; their retrieval quality
-    is measured side by side by `benchmarks/quantization.py`).
+    is measured side by side by `benchmarks/quantization.py`); `--also-head DIR` times (c) for more heads in the
+    same process (e.g. a smaller, faster head), each on the states of its own layer.
 
 Reports (a)/(c) for each (the agent-path speed-up; target >= 100x at batch 1) and (a)/(b) (< 1: new text pays an
 LM pass).
@@ -15,7 +16,8 @@ Each timing is the median of `--runs` runs after `--warmup` runs; runs cycle thr
 questions of `--data`). Speed does not depend on training, so an untrained head measures the same as a trained
 one of the same type and layer. Writes benchmarks/results/latency.{json,md,png}. Usage:
 
-    .venv/bin/python benchmarks/latency.py [--head DIR|untrained] [--runs 60] [--warmup 5] [--threads N]
+    .venv/bin/python benchmarks/latency.py [--head DIR|untrained] [--also-head DIR ...] [--runs 60] [--warmup 5]
+        [--threads N]
 """
 
 from __future__ import annotations
@@ -86,17 +88,41 @@ def span_columns(mask: torch.Tensor) -> tuple[int, int]:
     return int(used[0]), int(used[-1]) + 1
 
 
-def measure(model: Any, teacher: Any, texts: list[str], batch: int, runs: int, warmup: int) -> dict[str, Any]:
-    """Timings of the four paths at one batch size; batches cycle through `texts`."""
-    batches = [texts[i : i + batch] for i in range(0, len(texts) - batch + 1, batch)] or [texts[:batch]]
+def model_inputs(model: Any, batches: list[list[str]]) -> list[dict[str, torch.Tensor]]:
+    """The LM inputs of each batch, as `model` renders them (template, span mask)."""
     renderer = model.renderer
-    inputs = [renderer.collate([renderer.render(t) for t in b], device=model.device) for b in batches]
+    return [renderer.collate([renderer.render(t) for t in b], device=model.device) for b in batches]
+
+
+def head_timings(model: Any, inputs: list[dict[str, torch.Tensor]], runs: int, warmup: int,
+                 teacher_ms: float) -> dict[str, Any]:
+    """(c) with every weight precision in HEAD_PATHS, on the states of the head's layer, and (a)/(c)."""
     with torch.inference_mode():
         states = [model.layer_states(x["input_ids"], x["attention_mask"]) for x in inputs]
     masks = [x["span_mask"] for x in inputs]
     columns = [span_columns(m) for m in masks]  # the head reads the spans' columns, as the agent passes them
     states = [s[:, lo:hi].contiguous() for s, (lo, hi) in zip(states, columns, strict=True)]
     masks = [m[:, lo:hi] for m, (lo, hi) in zip(masks, columns, strict=True)]
+    head, n = model.head.eval(), len(inputs)
+
+    def run_head(i: int) -> None:
+        with torch.inference_mode():
+            head(states[i % n], masks[i % n])
+
+    out: dict[str, Any] = {"mean_span_tokens": float(torch.cat([m.sum(1) for m in masks]).float().mean())}
+    for key, dtype in HEAD_PATHS.items():
+        model.quantize_head(dtype)
+        out[key] = summarize(time_runs(run_head, runs, warmup))
+        out[speedup_key(dtype)] = teacher_ms / out[key]["median_ms"]
+    model.quantize_head(None)
+    return out
+
+
+def measure(model: Any, teacher: Any, texts: list[str], batch: int, runs: int, warmup: int,
+            also: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Timings of every path at one batch size (and (c) of the `also` heads); batches cycle through `texts`."""
+    batches = [texts[i : i + batch] for i in range(0, len(texts) - batch + 1, batch)] or [texts[:batch]]
+    inputs = model_inputs(model, batches)
     head = model.head.eval()
     n = len(batches)
 
@@ -111,27 +137,31 @@ def measure(model: Any, teacher: Any, texts: list[str], batch: int, runs: int, w
         with torch.inference_mode():
             head(model.layer_states(x["input_ids"], x["attention_mask"]), x["span_mask"])
 
-    def run_head(i: int) -> None:
-        with torch.inference_mode():
-            head(states[i % n], masks[i % n])
-
     out: dict[str, Any] = {"batch_size": batch, "threads": torch.get_num_threads(), "distinct_batches": n,
-                           "mean_tokens": float(torch.cat([x["attention_mask"].sum(1) for x in inputs]).float().mean()),
-                           "mean_span_tokens": float(torch.cat([m.sum(1) for m in masks]).float().mean())}
+                           "mean_tokens": float(torch.cat([x["attention_mask"].sum(1) for x in inputs]).float().mean())}
     for key, fn in (("teacher", run_teacher), ("lm_head", run_lm_head), ("lm_forward_head", run_lm_forward_head)):
         out[key] = summarize(time_runs(fn, runs, warmup))
-    for key, dtype in HEAD_PATHS.items():
-        model.quantize_head(dtype)
-        out[key] = summarize(time_runs(run_head, runs, warmup))
-    model.quantize_head(None)
-    a, b = out["teacher"]["median_ms"], out["lm_head"]["median_ms"]
-    for key, dtype in HEAD_PATHS.items():
-        out[speedup_key(dtype)] = a / out[key]["median_ms"]
-    out["speedup_a_over_b"] = a / b
+    a = out["teacher"]["median_ms"]
+    out.update(head_timings(model, inputs, runs, warmup, a))
+    out["speedup_a_over_b"] = a / out["lm_head"]["median_ms"]
+    out["also_heads"] = {spec: head_timings(other, model_inputs(other, batches), runs, warmup, a)
+                         for spec, other in (also or {}).items()}
     return out
 
 
+def head_rows(result: dict[str, Any]) -> list[tuple[str, str, str, Callable[[dict[str, Any]], dict[str, Any]]]]:
+    """(label, weights label, plot tick, batch result -> its timings) of the (c) rows of the `--also-head` heads."""
+    rows = []
+    for spec, info in result.get("also_heads", {}).items():
+        for key, dtype in HEAD_PATHS.items():
+            rows.append((f"(c) {info['description']}, {dtype or 'fp32'} weights", dtype or "fp32",
+                         f"(c) {info['head_type']}\n{dtype or 'fp32'}",
+                         lambda r, spec=spec, key=key: r["also_heads"][spec][key]))
+    return rows
+
+
 def markdown(result: dict[str, Any]) -> str:
+    also = head_rows(result)
     lines = [
         "## Query latency",
         "",
@@ -145,16 +175,26 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for key, label in PATHS.items():
         lines.append(f"| {label} | " + " | ".join(fmt(r[key]["median_ms"]) for r in result["batches"]) + " |")
+    for label, _, _, timings in also:
+        lines.append(f"| {label} | " + " | ".join(fmt(timings(r)["median_ms"]) for r in result["batches"]) + " |")
     for key, label in SPEEDUPS.items():
         lines.append(f"| **(a)/(c)**: head on existing states vs teacher, {label} weights | "
                      + " | ".join(f"**{r[key]:.1f}x**" for r in result["batches"]) + " |")
+    for spec, info in result.get("also_heads", {}).items():
+        for key, label in SPEEDUPS.items():
+            lines.append(f"| **(a)/(c)**: {info['description']} vs teacher, {label} weights | "
+                         + " | ".join(f"**{r['also_heads'][spec][key]:.1f}x**" for r in result["batches"]) + " |")
     lines.append("| (a)/(b): `encode()` on new text vs teacher | "
                  + " | ".join(f"{r['speedup_a_over_b']:.2f}x" for r in result["batches"]) + " |")
     first = result["batches"][0]
     ones = [r for r in result["batches"] if r["batch_size"] == 1]
-    target = "; ".join(f"{label} weights {r[key]:.1f}x with {r['threads']} thread(s) "
-                       f"({'met' if r[key] >= 100 else 'not met'})"
-                       for r in ones for key, label in SPEEDUPS.items())
+    heads = [(result["head"]["head_type"], lambda r: r)] + [
+        (info["head_type"], lambda r, spec=spec: r["also_heads"][spec])
+        for spec, info in result.get("also_heads", {}).items()
+    ]
+    target = "; ".join(f"{kind} head, {label} weights {timings(r)[key]:.1f}x with {r['threads']} thread(s) "
+                       f"({'met' if timings(r)[key] >= 100 else 'not met'})"
+                       for r in ones for kind, timings in heads for key, label in SPEEDUPS.items())
     lines += [
         "",
         f"Query tokens as the LM reads them (chat template included): {first['mean_tokens']:.1f} on average, "
@@ -172,18 +212,18 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    keys = list(PATHS)
-    fig, ax = plt.subplots(figsize=(8.5, 3.8))
+    keys, also = list(PATHS), head_rows(result)
+    fig, ax = plt.subplots(figsize=(8.5 + 1.2 * len(also), 3.8))
     width = 0.8 / len(result["batches"])
     for j, r in enumerate(result["batches"]):
-        values = [r[k]["median_ms"] for k in keys]
-        xs = [i + (j - (len(result["batches"]) - 1) / 2) * width for i in range(len(keys))]
+        values = [r[k]["median_ms"] for k in keys] + [timings(r)["median_ms"] for *_, timings in also]
+        xs = [i + (j - (len(result["batches"]) - 1) / 2) * width for i in range(len(values))]
         bars = ax.bar(xs, values, width, label=f"batch {r['batch_size']}, {r['threads']} thread(s)")
         ax.bar_label(bars, labels=[f"{v:.2f}" if v < 10 else f"{v:.0f}" for v in values], fontsize=7)
     ax.set_yscale("log")
-    ax.set_xticks(range(len(keys)), ["(a) teacher\nencode", "(b) LM + head\nencode_query", "(b') LM fwd\n+ head",
-                                     "(c) head on\nexisting states", "(c) float16\nweights", "(c) int8\nweights"],
-                  fontsize=8)
+    ticks = ["(a) teacher\nencode", "(b) LM + head\nencode_query", "(b') LM fwd\n+ head",
+             "(c) head on\nexisting states", "(c) float16\nweights", "(c) int8\nweights"]
+    ax.set_xticks(range(len(ticks) + len(also)), ticks + [tick for _, _, tick, _ in also], fontsize=8)
     ax.set_ylabel("ms per batch (median, log scale)")
     ax.set_title("Query embedding latency", fontsize=10)
     ax.legend(fontsize=8)
@@ -203,6 +243,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="Untimed warm-up runs (default: %(default)s).")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="Default: 1 32.")
     parser.add_argument("--texts", type=int, default=256, help="Distinct query texts cycled (default: %(default)s).")
+    parser.add_argument("--also-head", nargs="+", default=[], metavar="DIR",
+                        help="More heads whose (c) is timed in the same process, against the same teacher runs.")
     args = parser.parse_args()
     name = args.name or "latency"
     spec = resolve_head(args.head)
@@ -214,10 +256,18 @@ def main() -> None:
         "data": Path(args.data).name, "head": {**head_summary(model), "description": description, "spec": spec},
         "batches": [],
     }
+    also = {}
+    for other_spec in args.also_head:
+        other = load_model_and_teacher(other_spec, load_teacher=False)[0]
+        also[other_spec] = other
+        summary = head_summary(other)
+        result.setdefault("also_heads", {})[other_spec] = {
+            **summary, "spec": other_spec,
+            "description": f"{summary['head_type']} head ({Path(other_spec).name}, layer {summary['layer']})"}
     for threads in args.threads or [torch.get_num_threads()]:
         set_threads(threads)
         for b in args.batch_sizes:
-            result["batches"].append(measure(model, teacher, texts, b, args.runs, args.warmup))
+            result["batches"].append(measure(model, teacher, texts, b, args.runs, args.warmup, also))
             r = result["batches"][-1]
             print(f"batch {b}, {threads} thread(s): " + ", ".join(f"{k} {r[k]['median_ms']:.3f} ms" for k in PATHS),
                   flush=True)

@@ -87,7 +87,7 @@ def evaluate_dataset(name: str, model: Any, teacher: Any, fingerprint: Any, args
 def markdown(result: dict[str, Any]) -> str:
     head = result["head"]
     lines = [
-        "## Retrieval quality (held-out test splits)",
+        f"## Retrieval quality, {head['head_type']} head (held-out test splits)",
         "",
         f"Head: {head['description']}; teacher {head['teacher']}. Test split: "
         f"dev {result['split']['dev']} / test {result['split']['test']} / seed {result['split']['seed']}, by "

@@ -59,9 +59,10 @@ def relink(markdown: str, results: Path, readme: Path) -> str:
 
 
 def ordered(results: Path) -> list[Path]:
+    """Result tables in ORDER; a named variant (`quality_linear`) follows its benchmark, the rest alphabetically."""
     files = sorted(results.glob("*.md"))
     rank = {name: i for i, name in enumerate(ORDER)}
-    return sorted(files, key=lambda p: (rank.get(p.stem, len(ORDER)), p.stem))
+    return sorted(files, key=lambda p: (rank.get(p.stem, rank.get(p.stem.split("_")[0], len(ORDER))), p.stem))
 
 
 def hardware(machine: dict[str, Any]) -> str:

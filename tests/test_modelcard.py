@@ -124,3 +124,8 @@ def test_save_pretrained_writes_and_updates_the_card(tmp_path: Path) -> None:
     assert "Keep me." in readme.read_text() and readme.read_text().count(BEGIN) == 1
     model.save_pretrained(tmp_path / "head", overwrite_card=True)
     assert "Keep me." not in readme.read_text()
+
+
+def test_head_row_names_the_inner_dim_only_for_heads_that_have_one() -> None:
+    assert "`mlp`, inner dim 1024, reads layer" in render_card(config(head_type="mlp", inner_dim=1024))
+    assert "`linear`, reads layer" in render_card(config(head_type="linear", inner_dim=1024))

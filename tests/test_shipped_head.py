@@ -1,4 +1,4 @@
-"""The head shipped for the embedded pair keeps the teacher's retrieval quality on held-out DSTC11 dialogues."""
+"""The heads shipped for the embedded pair keep the teacher's retrieval quality on held-out DSTC11 dialogues."""
 
 from pathlib import Path
 
@@ -15,13 +15,15 @@ from retrieval_head.fingerprint import TeacherFingerprint
 from retrieval_head.training.teacher_cache import teacher_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "heads" / "smollm2-135m-minilm"
+SHIPPED = {"mlp": ROOT / "heads" / "smollm2-135m-minilm", "linear": ROOT / "heads" / "smollm2-135m-minilm-linear"}
 DSTC11 = ROOT / "data" / "dstc11_track5_val_reviewdoc"
 
 
 @pytest.mark.real_model
-def test_shipped_head_retains_teacher_quality_on_held_out_dialogues(embedded_teacher, tmp_path):
-    model = RetrievalModel.from_pretrained(SHIPPED)
+@pytest.mark.parametrize("head_type", list(SHIPPED))
+def test_shipped_head_retains_teacher_quality_on_held_out_dialogues(head_type, embedded_teacher, tmp_path):
+    model = RetrievalModel.from_pretrained(SHIPPED[head_type])
+    assert model.config.head_type == head_type
     fingerprint = TeacherFingerprint.from_sentence_transformer(
         embedded_teacher, teacher_id=model.config.teacher["teacher_id"]
     )
@@ -39,8 +41,8 @@ def test_shipped_head_retains_teacher_quality_on_held_out_dialogues(embedded_tea
     head_q = torch.from_numpy(model.encode([q.as_messages() for q in queries], normalize_embeddings=True))
 
     cosine = (head_q * teacher_q).sum(-1)
-    # Measured on the whole test split: cosine 0.77, R@100 retention 0.87, nDCG@10 retention 0.86; an untrained
-    # head scores near zero on all three. The margins absorb the 60-query sample.
+    # Measured on the whole test split (mlp / linear): cosine 0.77 / 0.73, R@100 retention 0.87 / 0.84, nDCG@10
+    # retention 0.86 / 0.85; an untrained head scores near zero on all three. The margins absorb the 60-query sample.
     assert float(cosine.mean()) > 0.6
     qrels = {q.id: dataset.qrels[q.id] for q in queries}
     ids = [q.id for q in queries]
