@@ -205,7 +205,7 @@ def main() -> None:
         "setup": {"agent": "HuggingFaceTB/SmolLM2-135M-Instruct (fp32)", "teacher": "all-MiniLM-L6-v2",
                   "head": (args.head or f"untrained {args.head_type} head at layer {args.layer}")
                   + (f", {args.quantize_head_to} weights" if args.quantize_head_to else ""),
-                  "head_weights": args.quantize_head_to or "float32",
+                  "head_weights": args.quantize_head_to or "float32", "head_type": model.config.head_type,
                   "threads": args.threads,
                   "torch": torch.__version__, "runs": args.runs, "max_new_tokens": args.max_new_tokens,
                   "docs_indexed": len(index), "k": args.k, "setup_s": round(setup_s, 1),
@@ -239,9 +239,11 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     s, a, b, g = r["setup"], r["two_model_ms"], r["native_ms"], r["generation"]
+    variant = [f"{s['head_type']} head"] if s.get("head_type", "mlp") != "mlp" else []
+    variant += [f"{s['head_weights']} head weights"] if s.get("head_weights", "float32") != "float32" else []
+    title = "# One agent turn: two-model pipeline vs native query embedding"
     lines = [
-        "# One agent turn: two-model pipeline vs native query embedding"
-        + (f" ({s['head_weights']} head weights)" if s.get("head_weights", "float32") != "float32" else ""),
+        title + (f" ({', '.join(variant)})" if variant else ""),
         "",
         f"{s['agent']} agent, {s['teacher']} teacher, {s['head']}; {s['docs_indexed']} DSTC11 documents in a flat "
         f"index, k={s['k']}; greedy, at most {s['max_new_tokens']} query tokens (median {r['median_new_tokens']}); "

@@ -103,10 +103,11 @@ def evaluate_dataset(name: str, model: Any, teacher: Any, fingerprint: Any, args
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        "## Head weights: fp32 vs float16 vs int8 (held-out test splits)",
+        f"## Head weights, {result['head']['head_type']} head: fp32 vs float16 vs int8 (held-out test splits)",
         "",
         f"Head: {result['head']['description']}; teacher {result['head']['teacher']}. The same LM states, projected "
-        "by the head with each weight precision (`model.quantize_head`); the test split of `quality.md`. Machine: "
+        "by the head with each weight precision (`model.quantize_head`); the test splits of the quality benchmark. "
+        "Machine: "
         f"{describe_machine(result['machine'])}.",
         "",
         "| dataset | queries | weights | nDCG@10 / R@10 / MRR@10 | retained nDCG@10 / R@10 / MRR@10 "
@@ -114,7 +115,8 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---:|---|---|---|---:|---:|---:|",
     ]
     for r in result["datasets"]:
-        for key, p in r["precisions"].items():
+        for key in map(label, PRECISIONS):
+            p = r["precisions"][key]
             scores = " / ".join(f"{p['metrics'][m]:.3f}" for m in METRICS)
             kept = " / ".join(f"{100 * p['retention'][m]:.1f}%" for m in METRICS)
             lines.append(f"| {r['dataset']} | {r['queries']} | {key} | {scores} | {kept} | "
@@ -122,8 +124,8 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{100 * p['top10_overlap_with_fp32']:.1f}% |")
     lines.append("")
     mean = result["mean_retention"]
-    lines.append("Mean nDCG@10 retention over the datasets: " + ", ".join(
-        f"{key} {100 * mean[key]['ndcg@10']:.1f}%" for key in mean) + ". Speed of each: `latency.md`.")
+    means = ", ".join(f"{key} {100 * mean[key]['ndcg@10']:.1f}%" for key in map(label, PRECISIONS))
+    lines.append(f"Mean nDCG@10 retention over the datasets: {means}. Speed of each: `latency.md`.")
     return "\n".join(lines)
 
 
