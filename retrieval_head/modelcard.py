@@ -40,7 +40,10 @@ OWNED_KEYS = ("library_name", "pipeline_tag", "base_model", "base_model_relation
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _LOSSES = {
     "cosine": "cosine alignment to the teacher's embedding of the same query",
-    "infonce": "InfoNCE contrastive loss against the teacher's document embeddings (in-batch negatives)",
+    "infonce": "InfoNCE contrastive loss: the teacher's embedding of the same query is the positive, its "
+    "embeddings of the other queries in the batch are the negatives (label-free)",
+    "infonce_gold": "InfoNCE contrastive loss against the teacher's embeddings of the gold documents (the qrels), "
+    "in-batch negatives",
     "rank_kl": "rank distillation: KL divergence between the teacher's and the head's score distributions "
     "over the teacher's top-k documents",
     "mse": "mean squared error to the teacher's embedding",
@@ -139,6 +142,8 @@ def losses_text(training: dict[str, Any] | None) -> str:
     parts = []
     for name, weight in items:
         key = _LOSS_ALIASES.get(str(name).lower(), str(name).lower())
+        if key == "infonce" and (training or {}).get("gold_positives"):
+            key = "infonce_gold"
         text = _LOSSES.get(key, str(name))
         parts.append(f"{text}" + (f" (weight {_fmt(weight)})" if weight is not None else ""))
     return "; ".join(parts) + "."

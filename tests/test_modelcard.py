@@ -16,6 +16,7 @@ from retrieval_head.defaults import load_base  # noqa: E402
 from retrieval_head.modelcard import (  # noqa: E402
     BEGIN,
     END,
+    losses_text,
     merge_card,
     render_card,
     result_rows,
@@ -129,3 +130,10 @@ def test_save_pretrained_writes_and_updates_the_card(tmp_path: Path) -> None:
 def test_head_row_names_the_inner_dim_only_for_heads_that_have_one() -> None:
     assert "`mlp`, inner dim 1024, reads layer" in render_card(config(head_type="mlp", inner_dim=1024))
     assert "`linear`, reads layer" in render_card(config(head_type="linear", inner_dim=1024))
+
+
+def test_contrastive_loss_is_described_by_its_positives() -> None:
+    label_free = losses_text({"losses": {"contrastive": 0.1}, "gold_positives": False})
+    gold = losses_text({"losses": {"contrastive": 0.1}, "gold_positives": True})
+    assert "same query is the positive" in label_free and "label-free" in label_free
+    assert "gold documents" in gold and "label-free" not in gold
