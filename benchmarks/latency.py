@@ -12,17 +12,19 @@
 
 Reports (a)/(c) for each (the agent-path speed-up; target >= 100x at batch 1) and (a)/(b) (< 1: new text pays an
 LM pass).
-Each timing is the median of `--runs` runs after `--warmup` runs; runs cycle through real query texts (the
+Each timing is the median of `--runs` runs after `--warmup` runs, spread over `--rounds` rounds that visit every
+path in turn (a slow stretch of a shared host hits all paths alike); runs cycle through real query texts (the
 questions of `--data`). Speed does not depend on training, so an untrained head measures the same as a trained
 one of the same type and layer. Writes benchmarks/results/latency.{json,md,png}. Usage:
 
     .venv/bin/python benchmarks/latency.py [--head DIR|untrained] [--also-head DIR ...] [--runs 60] [--warmup 5]
-        [--threads N]
+        [--rounds 6] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,15 +65,26 @@ def speedup_key(dtype: str | None) -> str:
 SPEEDUPS = {speedup_key(dtype): dtype or "fp32" for dtype in HEAD_PATHS.values()}  # result key -> label
 
 
-def time_runs(fn: Callable[[int], Any], runs: int, warmup: int) -> list[float]:
-    """Seconds of `fn(i)` for i in range(runs), after `warmup` untimed calls."""
-    for i in range(warmup):
-        fn(i)
-    times = []
-    for i in range(runs):
-        start = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - start)
+def time_interleaved(fns: dict[str, Callable[[int], Any]], runs: int, warmup: int,
+                     rounds: int) -> dict[str, list[float]]:
+    """Seconds of `runs` timed calls `fn(i)` of every path, taken in `rounds` rounds that visit each path in turn.
+
+    A slow stretch of a shared host then slows every path alike instead of one, so the ratios hold. Each visit
+    opens with untimed calls (`warmup` on the first visit, two on later ones): a path is timed warm, as it runs
+    when called again and again.
+    """
+    times: dict[str, list[float]] = {key: [] for key in fns}
+    i = 0
+    for r in range(rounds):
+        count = runs // rounds + (r < runs % rounds)
+        for key, fn in fns.items():
+            for _ in range(warmup if r == 0 else min(2, warmup)):
+                fn(i)
+            for _ in range(count):
+                start = time.perf_counter()
+                fn(i)
+                times[key].append(time.perf_counter() - start)
+                i += 1
     return times
 
 
@@ -94,31 +107,28 @@ def model_inputs(model: Any, batches: list[list[str]]) -> list[dict[str, torch.T
     return [renderer.collate([renderer.render(t) for t in b], device=model.device) for b in batches]
 
 
-def head_timings(model: Any, inputs: list[dict[str, torch.Tensor]], runs: int, warmup: int,
-                 teacher_ms: float) -> dict[str, Any]:
-    """(c) with every weight precision in HEAD_PATHS, on the states of the head's layer, and (a)/(c)."""
+def head_paths(model: Any, inputs: list[dict[str, torch.Tensor]]) -> tuple[dict[str, Callable[[int], Any]], float]:
+    """(c) with every weight precision in HEAD_PATHS (a copy of the head each), on the states of the head's layer
+    cut to the spans' columns, as the agent passes them; and the mean span length."""
     with torch.inference_mode():
         states = [model.layer_states(x["input_ids"], x["attention_mask"]) for x in inputs]
     masks = [x["span_mask"] for x in inputs]
-    columns = [span_columns(m) for m in masks]  # the head reads the spans' columns, as the agent passes them
+    columns = [span_columns(m) for m in masks]
     states = [s[:, lo:hi].contiguous() for s, (lo, hi) in zip(states, columns, strict=True)]
     masks = [m[:, lo:hi] for m, (lo, hi) in zip(masks, columns, strict=True)]
-    head, n = model.head.eval(), len(inputs)
-
-    def run_head(i: int) -> None:
-        with torch.inference_mode():
-            head(states[i % n], masks[i % n])
-
-    out: dict[str, Any] = {"mean_span_tokens": float(torch.cat([m.sum(1) for m in masks]).float().mean())}
+    n, fns = len(inputs), {}
     for key, dtype in HEAD_PATHS.items():
-        model.quantize_head(dtype)
-        out[key] = summarize(time_runs(run_head, runs, warmup))
-        out[speedup_key(dtype)] = teacher_ms / out[key]["median_ms"]
-    model.quantize_head(None)
-    return out
+        head = copy.deepcopy(model.head).eval().quantize(dtype)
+
+        def run_head(i: int, head: Any = head) -> None:
+            with torch.inference_mode():
+                head(states[i % n], masks[i % n])
+
+        fns[key] = run_head
+    return fns, float(torch.cat([m.sum(1) for m in masks]).float().mean())
 
 
-def measure(model: Any, teacher: Any, texts: list[str], batch: int, runs: int, warmup: int,
+def measure(model: Any, teacher: Any, texts: list[str], batch: int, runs: int, warmup: int, rounds: int,
             also: dict[str, Any] | None = None) -> dict[str, Any]:
     """Timings of every path at one batch size (and (c) of the `also` heads); batches cycle through `texts`."""
     batches = [texts[i : i + batch] for i in range(0, len(texts) - batch + 1, batch)] or [texts[:batch]]
@@ -137,15 +147,24 @@ def measure(model: Any, teacher: Any, texts: list[str], batch: int, runs: int, w
         with torch.inference_mode():
             head(model.layer_states(x["input_ids"], x["attention_mask"]), x["span_mask"])
 
+    fns: dict[str, Callable[[int], Any]] = {"teacher": run_teacher, "lm_head": run_lm_head,
+                                            "lm_forward_head": run_lm_forward_head}
+    head_fns, span_tokens = head_paths(model, inputs)
+    fns.update(head_fns)
+    for spec, other in (also or {}).items():
+        fns.update({f"{spec}|{key}": fn for key, fn in head_paths(other, model_inputs(other, batches))[0].items()})
+    times = time_interleaved(fns, runs, warmup, rounds)
     out: dict[str, Any] = {"batch_size": batch, "threads": torch.get_num_threads(), "distinct_batches": n,
-                           "mean_tokens": float(torch.cat([x["attention_mask"].sum(1) for x in inputs]).float().mean())}
-    for key, fn in (("teacher", run_teacher), ("lm_head", run_lm_head), ("lm_forward_head", run_lm_forward_head)):
-        out[key] = summarize(time_runs(fn, runs, warmup))
+                           "mean_tokens": float(torch.cat([x["attention_mask"].sum(1) for x in inputs]).float().mean()),
+                           "mean_span_tokens": span_tokens, "also_heads": {spec: {} for spec in also or {}}}
+    for key, seconds in times.items():
+        spec, _, path = key.rpartition("|")
+        (out["also_heads"][spec] if spec else out)[path] = summarize(seconds)
     a = out["teacher"]["median_ms"]
-    out.update(head_timings(model, inputs, runs, warmup, a))
+    for timings in (out, *out["also_heads"].values()):
+        for key, dtype in HEAD_PATHS.items():
+            timings[speedup_key(dtype)] = a / timings[key]["median_ms"]
     out["speedup_a_over_b"] = a / out["lm_head"]["median_ms"]
-    out["also_heads"] = {spec: head_timings(other, model_inputs(other, batches), runs, warmup, a)
-                         for spec, other in (also or {}).items()}
     return out
 
 
@@ -166,7 +185,9 @@ def markdown(result: dict[str, Any]) -> str:
         "## Query latency",
         "",
         f"Head: {result['head']['description']}; teacher {result['head']['teacher']}. Median of "
-        f"{result['runs']} runs after {result['warmup']} warm-up runs, one process. Machine: "
+        f"{result['runs']} runs after {result['warmup']} warm-up runs, one process"
+        + (f", in {result['rounds']} rounds that visit every path in turn" if result.get("rounds") else "")
+        + f". Machine: "
         f"{describe_machine(result['machine'])}.",
         "",
         "| path | " + " | ".join(f"batch {r['batch_size']}, {r['threads']} thr. (ms)" for r in result["batches"])
@@ -241,6 +262,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=60, help="Timed runs per path and batch size (>= 50 for "
                                                              "reported numbers; default: %(default)s).")
     parser.add_argument("--warmup", type=int, default=5, help="Untimed warm-up runs (default: %(default)s).")
+    parser.add_argument("--rounds", type=int, default=6, help="Rounds the runs are spread over, each visiting every "
+                                                              "path in turn (default: %(default)s).")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="Default: 1 32.")
     parser.add_argument("--texts", type=int, default=256, help="Distinct query texts cycled (default: %(default)s).")
     parser.add_argument("--also-head", nargs="+", default=[], metavar="DIR",
@@ -253,6 +276,7 @@ def main() -> None:
     texts = query_texts(Path(args.data), max(args.texts, max(args.batch_sizes)))
     result: dict[str, Any] = {
         "benchmark": "latency", "machine": machine_info(), "runs": args.runs, "warmup": args.warmup,
+        "rounds": args.rounds,
         "data": Path(args.data).name, "head": {**head_summary(model), "description": description, "spec": spec},
         "batches": [],
     }
@@ -267,7 +291,7 @@ def main() -> None:
     for threads in args.threads or [torch.get_num_threads()]:
         set_threads(threads)
         for b in args.batch_sizes:
-            result["batches"].append(measure(model, teacher, texts, b, args.runs, args.warmup, also))
+            result["batches"].append(measure(model, teacher, texts, b, args.runs, args.warmup, args.rounds, also))
             r = result["batches"][-1]
             print(f"batch {b}, {threads} thread(s): " + ", ".join(f"{k} {r[k]['median_ms']:.3f} ms" for k in PATHS),
                   flush=True)
