@@ -38,10 +38,9 @@ def load_result(results: Path, benchmark: str, name: str, head: Path) -> dict[st
 
 def head_timings(batch: dict[str, Any], latency: dict[str, Any], head: Path) -> dict[str, Any]:
     """The (c) timings of `head` in one batch result: the benchmark's main head, or one of its `--also-head`."""
-    for spec in batch.get("also_heads", {}):
-        if Path(spec).resolve() == head.resolve() != Path(latency["head"]["spec"]).resolve():
-            return batch["also_heads"][spec]
-    return batch
+    if Path(latency["head"]["spec"]).resolve() == head.resolve():
+        return batch
+    return next(t for spec, t in batch.get("also_heads", {}).items() if Path(spec).resolve() == head.resolve())
 
 
 def card_metrics(quality: dict[str, Any], latency: dict[str, Any], head: Path) -> dict[str, Any]:

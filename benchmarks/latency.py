@@ -168,15 +168,20 @@ def measure(model: Any, teacher: Any, texts: list[str], batch: int, runs: int, w
     return out
 
 
-def head_rows(result: dict[str, Any]) -> list[tuple[str, str, str, Callable[[dict[str, Any]], dict[str, Any]]]]:
-    """(label, weights label, plot tick, batch result -> its timings) of the (c) rows of the `--also-head` heads."""
-    rows = []
-    for spec, info in result.get("also_heads", {}).items():
-        for key, dtype in HEAD_PATHS.items():
-            rows.append((f"(c) {info['description']}, {dtype or 'fp32'} weights", dtype or "fp32",
-                         f"(c) {info['head_type']}\n{dtype or 'fp32'}",
-                         lambda r, spec=spec, key=key: r["also_heads"][spec][key]))
-    return rows
+Timings = Callable[[dict[str, Any]], dict[str, Any]]  # a batch result -> one head's (c) timings and speed-ups
+
+
+def timed_heads(result: dict[str, Any]) -> list[tuple[dict[str, Any], Timings]]:
+    """(summary, timings) of the benchmark's head, then of each `--also-head` head."""
+    return [(result["head"], lambda r: r)] + [(info, lambda r, spec=spec: r["also_heads"][spec])
+                                               for spec, info in result.get("also_heads", {}).items()]
+
+
+def head_rows(result: dict[str, Any]) -> list[tuple[str, str, Timings]]:
+    """(label, plot tick, batch result -> its timings) of the (c) rows of the `--also-head` heads."""
+    return [(f"(c) {info['description']}, {dtype or 'fp32'} weights", f"(c) {info['head_type']}\n{dtype or 'fp32'}",
+             lambda r, timings=timings, key=key: timings(r)[key])
+            for info, timings in timed_heads(result)[1:] for key, dtype in HEAD_PATHS.items()]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -196,26 +201,21 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for key, label in PATHS.items():
         lines.append(f"| {label} | " + " | ".join(fmt(r[key]["median_ms"]) for r in result["batches"]) + " |")
-    for label, _, _, timings in also:
+    for label, _, timings in also:
         lines.append(f"| {label} | " + " | ".join(fmt(timings(r)["median_ms"]) for r in result["batches"]) + " |")
-    for key, label in SPEEDUPS.items():
-        lines.append(f"| **(a)/(c)**: head on existing states vs teacher, {label} weights | "
-                     + " | ".join(f"**{r[key]:.1f}x**" for r in result["batches"]) + " |")
-    for spec, info in result.get("also_heads", {}).items():
+    heads = timed_heads(result)
+    for i, (info, timings) in enumerate(heads):
+        name = "head on existing states" if i == 0 else info["description"]
         for key, label in SPEEDUPS.items():
-            lines.append(f"| **(a)/(c)**: {info['description']} vs teacher, {label} weights | "
-                         + " | ".join(f"**{r['also_heads'][spec][key]:.1f}x**" for r in result["batches"]) + " |")
+            lines.append(f"| **(a)/(c)**: {name} vs teacher, {label} weights | "
+                         + " | ".join(f"**{timings(r)[key]:.1f}x**" for r in result["batches"]) + " |")
     lines.append("| (a)/(b): `encode()` on new text vs teacher | "
                  + " | ".join(f"{r['speedup_a_over_b']:.2f}x" for r in result["batches"]) + " |")
     first = result["batches"][0]
     ones = [r for r in result["batches"] if r["batch_size"] == 1]
-    heads = [(result["head"]["head_type"], lambda r: r)] + [
-        (info["head_type"], lambda r, spec=spec: r["also_heads"][spec])
-        for spec, info in result.get("also_heads", {}).items()
-    ]
-    target = "; ".join(f"{kind} head, {label} weights {timings(r)[key]:.1f}x with {r['threads']} thread(s) "
-                       f"({'met' if timings(r)[key] >= 100 else 'not met'})"
-                       for r in ones for kind, timings in heads for key, label in SPEEDUPS.items())
+    target = "; ".join(f"{info['head_type']} head, {label} weights {timings(r)[key]:.1f}x with {r['threads']} "
+                       f"thread(s) ({'met' if timings(r)[key] >= 100 else 'not met'})"
+                       for r in ones for info, timings in heads for key, label in SPEEDUPS.items())
     lines += [
         "",
         f"Query tokens as the LM reads them (chat template included): {first['mean_tokens']:.1f} on average, "
@@ -237,14 +237,14 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(8.5 + 1.2 * len(also), 3.8))
     width = 0.8 / len(result["batches"])
     for j, r in enumerate(result["batches"]):
-        values = [r[k]["median_ms"] for k in keys] + [timings(r)["median_ms"] for *_, timings in also]
+        values = [r[k]["median_ms"] for k in keys] + [timings(r)["median_ms"] for _, _, timings in also]
         xs = [i + (j - (len(result["batches"]) - 1) / 2) * width for i in range(len(values))]
         bars = ax.bar(xs, values, width, label=f"batch {r['batch_size']}, {r['threads']} thread(s)")
         ax.bar_label(bars, labels=[f"{v:.2f}" if v < 10 else f"{v:.0f}" for v in values], fontsize=7)
     ax.set_yscale("log")
     ticks = ["(a) teacher\nencode", "(b) LM + head\nencode_query", "(b') LM fwd\n+ head",
              "(c) head on\nexisting states", "(c) float16\nweights", "(c) int8\nweights"]
-    ax.set_xticks(range(len(ticks) + len(also)), ticks + [tick for _, _, tick, _ in also], fontsize=8)
+    ax.set_xticks(range(len(ticks) + len(also)), ticks + [tick for _, tick, _ in also], fontsize=8)
     ax.set_ylabel("ms per batch (median, log scale)")
     ax.set_title("Query embedding latency", fontsize=10)
     ax.legend(fontsize=8)
