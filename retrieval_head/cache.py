@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 TENSORS_NAME = "tensors.safetensors"
 META_NAME = "meta.json"
+SHARD_NAME = "shard-{}.safetensors"
 
 
 def cache_key(**parts: Any) -> str:
@@ -35,6 +38,10 @@ class TensorCache:
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / f"{kind}-{key}"
+
+    def sharded(self, kind: str, key: str) -> ShardedEntry:
+        """The entry `kind`/`key` as named shards, written one at a time (a killed build resumes)."""
+        return ShardedEntry([self.path(kind, key)])
 
     def load(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
         """The cached tensors, or None when absent or unreadable (then they are recomputed)."""
@@ -81,3 +88,44 @@ class LayeredCache(TensorCache):
             if found is not None:
                 logger.info("Reusing read-only %s from %s", kind, other.path(kind, key))
         return found
+
+    def sharded(self, kind: str, key: str) -> ShardedEntry:
+        return ShardedEntry([self.path(kind, key)] + [other.path(kind, key) for other in self.read_only])
+
+
+class ShardedEntry:
+    """Named shards of one cache entry (a shard's name is a key of its own content).
+
+    A shard is read from the first folder that holds it and written to the first folder, through a temporary file
+    renamed into place: a killed build leaves finished shards and no partial one; a damaged shard reads as missing.
+    """
+
+    def __init__(self, folders: list[Path]) -> None:
+        self.folders = folders
+        self.folder = folders[0]
+
+    def load(self, name: str) -> dict[str, torch.Tensor] | None:
+        for folder in self.folders:
+            path = folder / SHARD_NAME.format(name)
+            if path.exists():
+                try:
+                    return load_file(str(path))
+                except (SafetensorError, OSError) as err:
+                    logger.warning("Ignoring damaged cache shard %s (%s); recomputing.", path, err)
+        return None
+
+    def has(self, name: str) -> bool:
+        return any((folder / SHARD_NAME.format(name)).exists() for folder in self.folders)
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if meta is not None and not (self.folder / META_NAME).exists():
+            (self.folder / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        handle, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".tmp", dir=self.folder)
+        os.close(handle)
+        try:
+            save_file({name: t.contiguous() for name, t in tensors.items()}, tmp)
+            os.replace(tmp, self.folder / SHARD_NAME.format(name))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

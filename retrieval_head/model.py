@@ -16,6 +16,7 @@ from .config import RetrievalHeadConfig
 from .encode import encode
 from .encode_adapter import encode_adapter_off, encode_adapter_on
 from .head import ProjectionHead
+from .layer_states import hidden_states_at
 from .templates import EncodeInput, QueryRenderer, context_length
 
 logger = logging.getLogger(__name__)
@@ -124,11 +125,8 @@ class RetrievalModel(nn.Module, PushToHubMixin):
         With an encode adapter (`config.encode_adapter`), this is the one place it is switched on.
         """
         with encode_adapter_on(self):
-            outputs = self.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
-                **kwargs,
-            )
-        return outputs.hidden_states[self.layer_index]
+            return hidden_states_at(base_of(self.base_model), [self.layer_index], input_ids, attention_mask,
+                                    **kwargs)[self.layer_index]
 
     def embed_hidden_states(self, hidden_states: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
         """Embeddings from states the base already computed ([B, T, H] at the head's layer) over a span mask.

@@ -24,6 +24,9 @@ ARCHITECTURES = {
     "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256),
     "gpt2": dict(n_embd=32, n_layer=3, n_head=4, n_positions=256),
+    "gemma3_text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=4,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
 }
 
 

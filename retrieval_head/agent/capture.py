@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..layer_states import decoder_layers, first_tensor
 from ..model import RetrievalModel, base_of
 
 
@@ -28,21 +29,6 @@ class CapturePoint:
     module: nn.Module
     where: Literal["pre", "out"]
     name: str
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return getattr(value, "last_hidden_state", None)
-
-
-def _decoder_layers(base: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
-    lists = [(n, m) for n, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
-    if not lists:
-        raise ValueError(f"found no list of {num_layers} decoder blocks in {type(base).__name__}")
-    return lists[0]
 
 
 def find_capture_point(model: RetrievalModel) -> CapturePoint:
@@ -56,7 +42,7 @@ def find_capture_point(model: RetrievalModel) -> CapturePoint:
     base = base_of(model.base_model)
     num_layers = model.config.base_num_layers
     index = model.layer_index
-    list_name, layers = _decoder_layers(base, num_layers)
+    list_name, layers = decoder_layers(base, num_layers)
     candidates: list[tuple[nn.Module, str, str]] = []
     if index < num_layers:
         candidates.append((layers[index], "pre", f"{list_name}.{index}"))
@@ -71,11 +57,11 @@ def find_capture_point(model: RetrievalModel) -> CapturePoint:
     for i, (module, where, _) in enumerate(candidates):
         if where == "pre":
             def hook(mod, args, kwargs, i=i):
-                seen[i] = _first_tensor(args) if args else kwargs.get("hidden_states")
+                seen[i] = first_tensor(args) if args else kwargs.get("hidden_states")
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         else:
             def hook(mod, args, output, i=i):
-                seen.setdefault(i, _first_tensor(output))
+                seen.setdefault(i, first_tensor(output))
             handles.append(module.register_forward_hook(hook))
     ids = torch.tensor([[1, 2, 3, 4]], device=model.device) % max(int(base.config.get_text_config().vocab_size), 5)
     try:
@@ -115,10 +101,10 @@ class LayerCapture:
             self.chunks.append(states[:, max(0, self.keep_from - start):].detach())
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._keep(_first_tensor(args) if args else kwargs["hidden_states"])
+        self._keep(first_tensor(args) if args else kwargs["hidden_states"])
 
     def _out(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._keep(_first_tensor(output))
+        self._keep(first_tensor(output))
 
     def __enter__(self) -> LayerCapture:
         self.chunks, self.seen = [], 0

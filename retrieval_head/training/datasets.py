@@ -11,8 +11,7 @@ corpus sentences of a dataset used as extra label-free texts, or a plain text fi
 - its gold documents (only used when the recipe turns on gold contrastive positives = domain adaptation).
 
 LM inputs are rendered exactly as at inference: `query.as_messages()` for a query with history, the text
-otherwise. Without sampling caps every query of a dataset is extracted in one `cached_features` call, so a
-run reuses the cache entries of `training/build_feature_cache.py`.
+otherwise. `retrieval-head cache --recipe R.yaml` fills the same cache entries ahead of training.
 """
 
 from __future__ import annotations
@@ -176,9 +175,12 @@ def _sample(rows: list[int], cap: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(rows, cap))
 
 
-def corpus_sentences(dataset: RetrievalDataset, count: int, seed: int, min_words: int = 5,
+def corpus_sentences(dataset: RetrievalDataset, count: int | None, seed: int, min_words: int = 5,
                      max_words: int = 60) -> list[str]:
-    """`count` sentences (5-60 words) sampled from the corpus: label-free alignment texts in the domain."""
+    """`count` sentences (5-60 words; None = all) of the corpus, shuffled: label-free alignment texts in the domain.
+
+    The order is one seeded shuffle, so a smaller count is a prefix of a larger one (and reuses its cache shards).
+    """
     sentences = []
     for doc_id in dataset.doc_ids:
         doc = dataset.corpus[doc_id]
@@ -187,9 +189,8 @@ def corpus_sentences(dataset: RetrievalDataset, count: int, seed: int, min_words
             if min_words <= n <= max_words:
                 sentences.append(text.strip())
     sentences = sorted(set(sentences))
-    if len(sentences) > count:
-        sentences = random.Random(seed).sample(sentences, count)
-    return sentences
+    random.Random(seed).shuffle(sentences)
+    return sentences if count is None else sentences[:count]
 
 
 def oversample(sources: list[Source], counts: dict[str, int]) -> None:
@@ -261,7 +262,7 @@ def build_training_data(
             splits={s: [local[r] for r in rows] for s, rows in chosen.items()}, dataset=dataset,
             query_ids=[q.id for q in queries], doc_range=(start, len(doc_ids)), evaluate=evaluate,
         ))
-        if d.corpus_texts:
+        if d.corpus_texts is None or d.corpus_texts > 0:
             texts = corpus_sentences(dataset, d.corpus_texts, seed)
             emb = teacher_of(texts)
             sources.append(Source(

@@ -69,13 +69,13 @@ class HeadSpec:
 
 @dataclass
 class FeatureSpec:
-    layers: list[int] = field(default_factory=lambda: [8, 12, 16, 20, 24, 27, 30])
-    poolings: list[str] = field(default_factory=lambda: ["mean", "last_token"])
-    token_layer: int | None = 20
+    layers: list[int] = field(default_factory=lambda: [0, 20, 24])
+    poolings: list[str] = field(default_factory=lambda: ["mean"])
+    token_layer: int | None = None
     batch_size: int = 16
     cache_dir: str = ".cache/features"
     # read-only cache folders searched before computing (e.g. teacher document embeddings shipped in the repo)
-    read_only_caches: list[str] = field(default_factory=list)
+    read_only_caches: list[str] = field(default_factory=lambda: ["data/teacher-embeddings"])
 
 
 @dataclass
@@ -91,7 +91,7 @@ class DataSpec:
     max_train_queries: int | None = None  # per dataset; None = every train query
     max_dev_queries: int | None = None  # per eval dataset; None = all
     max_test_queries: int | None = None  # per eval dataset; None = all
-    corpus_texts: int = 1500  # per dataset: corpus sentences sampled as extra label-free alignment texts
+    corpus_texts: int | None = 8192  # per dataset: corpus sentences as extra label-free alignment texts; None = all
     text_files: list[str] = field(default_factory=list)  # extra plain-text files, one training text a line
     sample_seed: int = 0
     # train rows of these sources repeated N times an epoch: "<dataset>", "<dataset>:corpus" or a text file's name
@@ -202,7 +202,7 @@ class Recipe:
         for key in ("max_train_queries", "max_dev_queries", "max_test_queries"):
             value = getattr(d, key)
             _check(value is None or value > 0, f"data.{key}", value, "positive or null")
-        _check(d.corpus_texts >= 0, "data.corpus_texts", d.corpus_texts, ">= 0")
+        _check(d.corpus_texts is None or d.corpus_texts >= 0, "data.corpus_texts", d.corpus_texts, ">= 0 or null")
         _check(all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in d.oversample.values()),
                "data.oversample", d.oversample, "a mapping of source name -> integer >= 1")
         sources = set(d.datasets) | {f"{n}:corpus" for n in d.datasets} | {Path(p).name for p in d.text_files}
