@@ -4,11 +4,18 @@ For each dataset the teacher embeds the whole corpus into a flat (exact) index, 
 (the documents' embeddings come from `--embeddings`, training's cache, when the same teacher embedded them);
 the test split is the one training holds out (`RetrievalDataset.split()` with the split recorded in the head's
 config, else the defaults dev 0.1 / test 0.2 / seed 0). The teacher embeds each query as history + question cut
-from the left to fit its 256 tokens, the head reads the dialogue as chat messages, BM25 scores the teacher's text
-(see `retrieval_head.evaluation.compare`). Reports nDCG@10, R@10, MRR@10 and retention (head / teacher).
+from the left to fit its 256 tokens, the head reads the dialogue as chat messages (see
+`retrieval_head.evaluation.compare`). Reports nDCG@10, R@10, MRR@10 and retention (head / teacher).
+
+Beside them, two peers that embed or score queries AND documents themselves (`retrieval_head.evaluation.peers`):
+a static model distilled from the same teacher (a reproduction of model2vec's `distill`: PCA 256, Zipf/SIF
+weights; the table is cached under `--peer-cache`, keyed by the teacher's fingerprint) and BM25 over title + text,
+both reading the teacher's query text. For each: the same metrics, retention vs the teacher, and the median time of
+one query at batch 1 (static: embedding it; BM25: scoring the corpus), measured in turn with the teacher's batch-1
+`encode` of the same texts. `--no-peers` leaves them out (BM25 then comes from the comparison itself).
 Writes benchmarks/results/quality.{json,md,png}. Usage:
 
-    .venv/bin/python benchmarks/quality.py [--head DIR] [--datasets NAME ...] [--max-queries N]
+    .venv/bin/python benchmarks/quality.py [--head DIR] [--datasets NAME ...] [--max-queries N] [--no-peers]
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 import torch
 from common import (
     DATA,
+    ROOT,
     UNTRAINED,
     add_common_arguments,
     add_dataset_arguments,
@@ -34,11 +42,15 @@ from common import (
     pyplot,
     resolve_head,
     set_threads,
+    summarize,
 )
 
 METRICS = ("ndcg@10", "recall@10", "mrr@10")
 LABELS = {"ndcg@10": "nDCG@10", "recall@10": "R@10", "mrr@10": "MRR@10"}
 SIDES = ("teacher", "head", "bm25")
+PEERS = ("static", "bm25")
+PEER_LABELS = {"static": "static (distilled, model2vec-style)", "bm25": "BM25"}
+PLOT_SIDES = ("teacher", "head", "static", "bm25")
 
 
 def shrink_corpus(dataset: Any, max_docs: int) -> Any:
@@ -61,7 +73,60 @@ def embedding_cache(folder: str) -> Any:
     return LayeredCache(folder, [DATA / "teacher-embeddings"]) if folder else None
 
 
-def evaluate_dataset(name: str, model: Any, teacher: Any, fingerprint: Any, args: argparse.Namespace) -> dict:
+def load_static_peer(teacher: Any, fingerprint: Any, folder: str) -> tuple[Any, float]:
+    """(the static peer distilled from `teacher`, seconds it took): read from the `folder` cache when the same
+    teacher was distilled before ('' = never cache)."""
+    from retrieval_head.cache import TensorCache
+    from retrieval_head.evaluation.peers import StaticPeer
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        static = StaticPeer.distill(teacher, fingerprint=fingerprint, cache=TensorCache(folder) if folder else None)
+    return static, round(time.perf_counter() - start, 2)
+
+
+def evaluate_peers(test: Any, teacher: Any, static: Any, report: dict, latency_queries: int) -> dict[str, Any]:
+    """Static and BM25 peers on `test` with the teacher's query texts: metrics, retention vs the teacher, build
+    time; batch-1 query latency of both and of the teacher, measured in turn on the same texts."""
+    from retrieval_head.evaluation.compare import teacher_texts
+    from retrieval_head.evaluation.metrics import retention
+    from retrieval_head.evaluation.peers import BM25Peer, batch1_latency
+
+    relevant = test.relevant_docs()
+    queries = [q for q in test.queries if q.id in relevant]
+    texts, _ = teacher_texts(queries, teacher)
+    by_id = dict(zip([q.id for q in queries], texts, strict=True))
+    teacher_metrics = report["metrics"]["teacher"]
+    peers: dict[str, Any] = {}
+    start = time.perf_counter()
+    bm25 = BM25Peer(test)
+    built = time.perf_counter() - start
+    peers["bm25"] = {"metrics": bm25.evaluate(test, by_id), "build_s": round(built, 2),
+                     "query_step": "score every document (tokenise + one sparse product)"}
+    start = time.perf_counter()
+    index = static.index(test)
+    built = time.perf_counter() - start
+    peers["static"] = {"metrics": static.evaluate(test, by_id, index=index), "build_s": round(built, 2),
+                       "query_step": "embed the query (tokenise + mean of token rows + normalise)",
+                       "dim": static.dim, "tokens": len(static.token_ids), "settings": static.settings}
+    sample = texts[:latency_queries]
+    seconds = batch1_latency({
+        "teacher": lambda t: teacher.encode([t], batch_size=1, convert_to_numpy=True, show_progress_bar=False),
+        "static": lambda t: static.encode([t]),
+        "bm25": bm25.scores,
+    }, sample)
+    latency = {name: summarize(s) for name, s in seconds.items()}
+    for name, peer in peers.items():
+        peer["retention"] = retention(peer["metrics"], teacher_metrics)
+        peer["query_ms"] = latency[name]
+        peer["speedup_vs_teacher"] = latency["teacher"]["median_ms"] / latency[name]["median_ms"]
+    peers["teacher_query_ms"] = latency["teacher"]
+    peers["latency_queries"] = len(sample)
+    return peers
+
+
+def evaluate_dataset(name: str, model: Any, teacher: Any, fingerprint: Any, args: argparse.Namespace,
+                     static: Any = None) -> dict:
     from retrieval_head.commands.eval import load_or_build_index, sample_queries
     from retrieval_head.data import load_dataset_folder
     from retrieval_head.evaluation.compare import compare_head_and_teacher, held_out
@@ -77,10 +142,16 @@ def evaluate_dataset(name: str, model: Any, teacher: Any, fingerprint: Any, args
                                      cache=embedding_cache(args.embeddings))
     with torch.inference_mode():
         report = compare_head_and_teacher(model, teacher, test, index=index, fingerprint=fingerprint,
-                                          batch_size=args.batch_size, show_progress_bar=args.progress)
+                                          bm25=static is None, batch_size=args.batch_size,
+                                          show_progress_bar=args.progress)
     report["dataset"] = name
     report["index"]["source"] = how
     report["index_s"] = round(time.perf_counter() - start - sum(report["timings_s"].values()), 2)
+    if static is not None:
+        with torch.inference_mode():
+            report["peers"] = evaluate_peers(test, teacher, static, report, args.latency_queries)
+        report["metrics"]["bm25"] = report["peers"]["bm25"]["metrics"]  # the same BM25 as compare's own
+        report["metrics"]["static"] = report["peers"]["static"]["metrics"]
     return report
 
 
@@ -117,9 +188,53 @@ def markdown(result: dict[str, Any]) -> str:
     if trained_on:
         lines.append(f"The head was trained on the train splits of {', '.join(trained_on)}; where training used a "
                      "dataset's relevance labels, beating the teacher there is domain adaptation, not retention.")
+    if result.get("peers"):
+        lines += ["", *peer_table(result)]
     if result.get("plot"):
         lines += ["", f"![retrieval quality]({result['plot']})"]
     return "\n".join(lines)
+
+
+def peer_table(result: dict[str, Any]) -> list[str]:
+    """The peers beside the teacher and the head: metrics, retention and batch-1 query time per dataset."""
+    static = result["peers"]["static"]
+    lines = [
+        "### Peers: a static model distilled from the teacher, and BM25",
+        "",
+        f"Static: the teacher distilled model2vec-style (a reproduction of model2vec's `distill`: every one of "
+        f"{static['tokens']} vocabulary tokens through the teacher, PCA to {static['dim']} dims, Zipf/SIF weights; "
+        f"distilled in {static['distill_s']} s, {static['source']}); BM25: rank-bm25's BM25Okapi over title + text. "
+        "Both embed or score the queries (the teacher's text: history + question) and the documents themselves. "
+        "Query ms: median of one query at batch 1 (teacher: `encode`; static: embedding it; BM25: scoring every "
+        "document), the three timed in turn on the same test queries in this process.",
+        "",
+        "| dataset | model | nDCG@10 / R@10 / MRR@10 | retained " + " / ".join(LABELS[m] for m in METRICS)
+        + " | query ms (batch 1) | vs teacher |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for r in result["datasets"]:
+        m, peers = r["metrics"], r["peers"]
+        rows = [("teacher", m["teacher"], None, peers["teacher_query_ms"]["median_ms"]),
+                ("head", m["head"], r["retention"], None)]
+        rows += [(PEER_LABELS[p], peers[p]["metrics"], peers[p]["retention"], peers[p]["query_ms"]["median_ms"])
+                 for p in PEERS]
+        teacher_ms = peers["teacher_query_ms"]["median_ms"]
+        for label, values, kept, ms in rows:
+            kept_cells = "—" if kept is None else " / ".join(
+                f"{100 * kept[x]:.0f}%" if x in kept else "—" for x in METRICS)
+            speed = "—" if ms is None else f"{teacher_ms / ms:.1f}x"
+            lines.append(f"| {r['dataset']} | {label} | {' / '.join(fmt(values[x]) for x in METRICS)} | "
+                         f"{kept_cells} | {'—' if ms is None else f'{ms:.3f}'} | {speed} |")
+    means = result["peers"]["mean_retention"]
+    for label, key in (("head", "head"), *((PEER_LABELS[p], p) for p in PEERS)):
+        lines.append(f"| **mean retention** | {label} | | "
+                     + " / ".join(f"**{100 * means[key][x]:.0f}%**" for x in METRICS) + " | | |")
+    margin = result["peers"]["head_margin_over_static_ndcg@10"]
+    lines += ["", f"Margin of the head over the static peer (mean nDCG@10 retention, head minus static): "
+              f"**{100 * margin:+.1f} points** ({100 * means['head']['ndcg@10']:.1f}% vs "
+              f"{100 * means['static']['ndcg@10']:.1f}%). The head's own query time is in `latency.md` (it reads the "
+              "agent LM's states, not text)."]
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
@@ -128,12 +243,14 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         return False
     names = [r["dataset"] for r in result["datasets"]]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6), sharey=True)
-    colors = {"teacher": "#4c72b0", "head": "#dd8452", "bm25": "#8c8c8c"}
-    width = 0.27
+    colors = {"teacher": "#4c72b0", "head": "#dd8452", "static": "#55a868", "bm25": "#8c8c8c"}
+    sides = [s for s in PLOT_SIDES if any(s in r["metrics"] for r in result["datasets"])]
+    width = 0.8 / len(sides)
     for ax, metric in zip(axes, METRICS, strict=True):
-        for j, side in enumerate(SIDES):
+        for j, side in enumerate(sides):
             values = [r["metrics"].get(side, {}).get(metric, 0.0) for r in result["datasets"]]
-            ax.bar([i + (j - 1) * width for i in range(len(names))], values, width, label=side, color=colors[side])
+            ax.bar([i + (j - (len(sides) - 1) / 2) * width for i in range(len(names))], values, width, label=side,
+                   color=colors[side])
         ax.set_title(LABELS[metric], fontsize=10)
         ax.set_xticks(range(len(names)), [n.split("_")[0] for n in names], fontsize=8)
         ax.set_ylim(0, 1)
@@ -153,6 +270,12 @@ def main() -> None:
                         help="SMOKE RUNS ONLY: shrink each corpus to the relevant docs + others up to this many.")
     parser.add_argument("--batch-size", type=int, default=32, help="Encode batch size (default: %(default)s).")
     parser.add_argument("--progress", action="store_true", help="Show progress bars.")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="Leave out the static and BM25 peer rows (BM25 then comes from the comparison).")
+    parser.add_argument("--peer-cache", default=str(ROOT / ".cache" / "peers"),
+                        help="Where the distilled static table is kept ('' to never save; default: %(default)s).")
+    parser.add_argument("--latency-queries", type=int, default=50,
+                        help="Test queries timed at batch 1 per dataset (default: %(default)s).")
     args = parser.parse_args()
     set_threads(args.threads)
     spec = resolve_head(args.head)
@@ -164,12 +287,15 @@ def main() -> None:
     model, teacher, description = load_model_and_teacher(spec, args.layer, args.head_type)
     fingerprint = check_teacher(model, teacher)
     started = time.perf_counter()
+    static, distill_s = (None, None) if args.no_peers else load_static_peer(teacher, fingerprint, args.peer_cache)
     reports = []
     for name in args.datasets:
-        reports.append(evaluate_dataset(name, model, teacher, fingerprint, args))
+        reports.append(evaluate_dataset(name, model, teacher, fingerprint, args, static))
         r = reports[-1]
         print(f"{name}: " + ", ".join(f"{LABELS[m]} teacher {r['metrics']['teacher'][m]:.3f} head "
-                                      f"{r['metrics']['head'][m]:.3f}" for m in METRICS), flush=True)
+                                      f"{r['metrics']['head'][m]:.3f}" for m in METRICS)
+              + ("" if static is None else f"; nDCG@10 static {r['metrics']['static']['ndcg@10']:.3f} "
+                 f"bm25 {r['metrics']['bm25']['ndcg@10']:.3f}"), flush=True)
     smoke = []
     if spec == UNTRAINED:
         smoke.append("the head is untrained")
@@ -187,6 +313,20 @@ def main() -> None:
         "mean_retention": {m: sum(r["retention"].get(m, 0.0) for r in reports) / len(reports) for m in METRICS},
         "wall_s": round(time.perf_counter() - started, 1),
     }
+    if static is not None:
+        means = {side: {m: sum(r["peers"][side]["retention"].get(m, 0.0) for r in reports) / len(reports)
+                        for m in METRICS} for side in PEERS}
+        means["head"] = result["mean_retention"]
+        margin = means["head"]["ndcg@10"] - means["static"]["ndcg@10"]
+        result["peers"] = {
+            "static": {"distill_s": distill_s, "dim": static.dim, "tokens": len(static.token_ids),
+                       "settings": static.settings, "cache": args.peer_cache or None,
+                       "source": static.source},
+            "bm25": {"implementation": "rank-bm25 BM25Okapi (k1 1.5, b 0.75, epsilon 0.25) via BM25Baseline"},
+            "mean_retention": means, "head_margin_over_static_ndcg@10": margin,
+        }
+        print(f"head mean nDCG@10 retention {100 * means['head']['ndcg@10']:.1f}% vs static peer "
+              f"{100 * means['static']['ndcg@10']:.1f}%: margin {100 * margin:+.1f} points", flush=True)
     name = args.name or "quality"
     publish(name, result, markdown, plot, args.results)
 

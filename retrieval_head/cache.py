@@ -123,6 +123,7 @@ class ShardedEntry:
             (self.folder / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         handle, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".tmp", dir=self.folder)
         os.close(handle)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is read by whoever reads the folder
         try:
             save_file({name: t.contiguous() for name, t in tensors.items()}, tmp)
             os.replace(tmp, self.folder / SHARD_NAME.format(name))

@@ -40,6 +40,7 @@ def extract_features(
     show_progress_bar: bool = True,
     autocast: str = "float32",
     prefix_cache: tuple[Any, int] | None | bool = True,
+    progress: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Standardised, pooled span states per (pooling, layer) as fp16 [N, H], and the span's token ids.
 
@@ -48,6 +49,7 @@ def extract_features(
     ([sum of span lengths, H]) at the same offsets (also as `token_offsets`), which is all a token-level
     (`transformer`) head reads. The LM runs only up to the deepest layer asked for and computes no logits;
     `autocast="bfloat16"` runs it under `torch.autocast` (states are standardised in fp32 either way).
+    `progress` (a tqdm bar) is advanced by the texts of each batch.
     """
     if autocast not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast={autocast!r}: choose one of {sorted(AUTOCAST_DTYPES)}")
@@ -84,6 +86,8 @@ def extract_features(
             if layer == token_layer:
                 for j, i in enumerate(rows):
                     span_tokens[i] = standardized[j][mask[j].bool()].half().cpu()
+        if progress is not None:
+            progress.update(len(rows))
     lengths = torch.tensor([t.shape[0] for t in span_ids], dtype=torch.long)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     out["span_ids"] = torch.cat(span_ids) if span_ids else torch.zeros(0, dtype=torch.int32)
@@ -215,9 +219,8 @@ def build_feature_shards(
     with tqdm(total=total, initial=done, desc="LM hidden states", unit="text", disable=not show_progress_bar) as bar:
         for index in todo:
             tensors = extract_features(model, chunks[index], layers, poolings, token_layer, prompt, batch_size, False,
-                                       autocast, prefix_cache=prefix)
+                                       autocast, prefix_cache=prefix, progress=bar)
             entry.save(names[index], tensors, meta)
-            bar.update(len(chunks[index]))
 
 
 def _valid(entry: ShardedEntry, name: str, rows: int) -> bool:

@@ -16,7 +16,7 @@ trainer can feed cached teacher embeddings and cached hidden states alike. Conve
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
@@ -132,6 +132,21 @@ def positives_to_mask(positives: Tensor | None, batch_size: int, num_candidates:
     cols = torch.where(positives < 0, torch.full_like(positives, num_candidates), positives)
     mask.scatter_(1, cols.long(), True)
     return mask[:, :num_candidates]
+
+
+def gathered_candidates(
+    teacher_queries: Tensor, gather: Callable[[Tensor], Tensor], rank: int
+) -> tuple[Tensor, Tensor]:
+    """Label-free contrastive candidates across processes: every rank's teacher query embeddings, and the index
+    of each local query's own embedding among them (its positive).
+
+    Under DDP each process sees its own batch; with these candidates every query has the whole global batch as
+    negatives, as in one process with the whole batch. Teacher embeddings are targets (no gradient), so a plain
+    gather suffices; the local batches must be equally sized (the trainer drops the last uneven batch).
+    """
+    everyone = gather(teacher_queries.detach().contiguous())
+    own = torch.arange(teacher_queries.shape[0], device=teacher_queries.device) + rank * teacher_queries.shape[0]
+    return everyone, own
 
 
 class ContrastiveLoss(nn.Module):

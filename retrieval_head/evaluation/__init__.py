@@ -1,4 +1,5 @@
-"""Retrieval evaluation: metrics with sentence-transformers' definitions, an index-backed evaluator, BM25."""
+"""Retrieval evaluation: metrics with sentence-transformers' definitions, an index-backed evaluator, BM25, and the
+peers of the quality benchmark (a static model distilled from the teacher, BM25)."""
 
 from .evaluator import BM25Baseline, RetrievalEvaluator, query_inputs
 from .metrics import (
@@ -10,11 +11,14 @@ from .metrics import (
     topk_overlap,
     worst_queries,
 )
+from .peers import BM25Peer, StaticPeer
 
 __all__ = [
     "BM25Baseline",
+    "BM25Peer",
     "QueryLoss",
     "RetrievalEvaluator",
+    "StaticPeer",
     "per_query_metrics",
     "query_inputs",
     "rank_scores",

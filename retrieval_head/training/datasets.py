@@ -193,6 +193,31 @@ def corpus_sentences(dataset: RetrievalDataset, count: int | None, seed: int, mi
     return sentences if count is None else sentences[:count]
 
 
+MAX_LINE_CHARS = 20_000  # one training text per line; a longer line is a file in another format
+
+
+def read_text_file(file: Path, max_chars: int = MAX_LINE_CHARS) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, one training text each; errors name the file and line."""
+    try:
+        raw = file.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{file}: cannot read the text file ({err.strerror})") from err
+    texts = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{file}, line {number}: not UTF-8 (byte {err.start}); save the file as UTF-8") from None
+        if len(text) > max_chars:
+            raise ValueError(f"{file}, line {number}: {len(text):,} characters in one line (at most {max_chars:,}); "
+                             "give one training text per line")
+        if text:
+            texts.append(text)
+    if not texts:
+        raise ValueError(f"{file}: no training text (the file is empty); give one training text per line")
+    return texts
+
+
 def oversample(sources: list[Source], counts: dict[str, int]) -> None:
     """Repeat the train rows of the named sources `counts[name]` times (an epoch then sees them that often)."""
     names = {s.name for s in sources}
@@ -272,9 +297,7 @@ def build_training_data(
             ))
     for path in d.text_files:
         file = Path(path)
-        texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not texts:
-            raise ValueError(f"{file}: no training text (the file is empty)")
+        texts = read_text_file(file)
         emb = teacher_of(texts)
         sources.append(Source(
             name=file.name, kind="texts", items=texts, features=features_of(texts), teacher=emb,

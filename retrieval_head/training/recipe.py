@@ -91,7 +91,7 @@ class DataSpec:
     max_train_queries: int | None = None  # per dataset; None = every train query
     max_dev_queries: int | None = None  # per eval dataset; None = all
     max_test_queries: int | None = None  # per eval dataset; None = all
-    corpus_texts: int | None = 8192  # per dataset: corpus sentences as extra label-free alignment texts; None = all
+    corpus_texts: int | None = 4096  # per dataset: corpus sentences as extra label-free alignment texts; None = all
     text_files: list[str] = field(default_factory=list)  # extra plain-text files, one training text a line
     sample_seed: int = 0
     # train rows of these sources repeated N times an epoch: "<dataset>", "<dataset>:corpus" or a text file's name

@@ -404,6 +404,11 @@ class Trainer:
         if lo.rank > 0:
             kwargs["rank_documents"] = documents
             kwargs["top_k_indices"] = batch["top_k"]
+        if lo.contrastive > 0 and not lo.gold_positives and self.accelerator.num_processes > 1:
+            from ..losses import gathered_candidates
+
+            kwargs["candidates"], kwargs["positives"] = gathered_candidates(
+                batch["teacher"], self.accelerator.gather, self.accelerator.process_index)
         if lo.contrastive > 0 and lo.gold_positives:
             gold = batch["gold"]
             ids = torch.unique(gold[gold >= 0])

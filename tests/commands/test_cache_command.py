@@ -1,0 +1,33 @@
+"""`retrieval-head cache --recipe R.yaml`: fills exactly the caches `train` reads, then training computes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from training_helpers import tiny_models, tiny_recipe
+
+import retrieval_head.features as features
+from retrieval_head.cli import main
+from retrieval_head.training import train
+from retrieval_head.training import trainer as trainer_module
+
+
+def test_cache_then_train_runs_no_lm_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    recipe = tiny_recipe(tmp_path).replace(**{"train.max_steps": 1, "data.corpus_texts": 5})
+    recipe.save(tmp_path / "recipe.yaml")
+    monkeypatch.setattr(trainer_module, "load_models", lambda recipe, device=None: tiny_models())
+    assert main(["cache", "--recipe", str(tmp_path / "recipe.yaml"), "--quiet"]) == 0
+    assert "texts of 2 sources" in capsys.readouterr().out
+    shards = list((tmp_path / "cache").glob("features-*/shard-*.safetensors"))
+    assert shards
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: pytest.fail("LM pass not cached"))
+    base, tok, teacher = tiny_models()
+    result = train(recipe, tmp_path / "out", base=base, tokenizer=tok, teacher=teacher, show_progress_bar=False)
+    assert result.steps == 1
+
+
+def test_a_bad_override_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    tiny_recipe(tmp_path).save(tmp_path / "recipe.yaml")
+    assert main(["cache", "--recipe", str(tmp_path / "recipe.yaml"), "--set", "data.corpus_texts=-1"]) == 2
+    assert "data.corpus_texts" in capsys.readouterr().err
