@@ -49,6 +49,9 @@ class RetrievalHeadConfig(PretrainedConfig):
         default=None, metadata={"help": "Hidden size of the base; filled on attach and checked on load."}
     )
     base_num_layers: int | None = field(default=None, metadata={"help": "Number of hidden layers of the base."})
+    base_vocab_size: int | None = field(
+        default=None, metadata={"help": "Vocabulary size of the base (rows of the static branch); filled on attach."}
+    )
     adapter_name_or_path: str | None = field(
         default=None, metadata={"help": "PEFT adapter on the base the head was trained with, if any."}
     )
@@ -73,6 +76,11 @@ class RetrievalHeadConfig(PretrainedConfig):
     inner_dim: int = field(default=1024, metadata={"help": "Width of the MLP / transformer head."})
     num_head_layers: int = field(default=1, metadata={"help": "Encoder layers of the 'transformer' head."})
     num_attention_heads: int = field(default=8, metadata={"help": "Attention heads of the 'transformer' head."})
+    static_dim: int = field(
+        default=0,
+        metadata={"help": "Width of the static (lexical) branch: a learned table over the LM token ids of the text's "
+                          "span, mean-pooled, mapped to output_dim and added before normalising. 0 = none."},
+    )
     dropout: float = field(default=0.1, metadata={"help": "Dropout inside the head while training."})
     output_dim: int = field(default=384, metadata={"help": "Embedding size; must equal the teacher's."})
     normalize: bool = field(default=True, metadata={"help": "L2-normalise the head's output."})
@@ -131,6 +139,8 @@ class RetrievalHeadConfig(PretrainedConfig):
         for name in ("output_dim", "inner_dim", "num_head_layers", "num_attention_heads", "max_length"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"RetrievalHeadConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        if int(self.static_dim) < 0:
+            raise ValueError(f"RetrievalHeadConfig.static_dim must be >= 0 (0 = none), got {self.static_dim}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"RetrievalHeadConfig.dropout must be in [0, 1), got {self.dropout}.")
         if self.base_num_layers is not None:

@@ -24,6 +24,10 @@ class ProjectionHead(nn.Module):
     from the config (a `PretrainedConfig` attribute lookup costs ~1 µs, as much as a small op at batch 1).
     Its cost at batch 1 is reading the weights on every call; `quantize("float16" | "int8")` reads 2x / 4x
     fewer bytes (inference on CPU only; the parameters, training and `save_pretrained` stay fp32).
+
+    With `config.static_dim > 0` a static (lexical) branch adds the mean of a learned table's rows over the
+    span's LM token ids, mapped to `output_dim`, before normalising: token identity (names, numbers, rare terms)
+    that a mean-pooled hidden layer blurs. At query time it is one gather and a mean over ids the LM already has.
     """
 
     def __init__(self, config: RetrievalHeadConfig, hidden_size: int) -> None:
@@ -67,6 +71,32 @@ class ProjectionHead(nn.Module):
             )
             self.encoder = nn.TransformerEncoder(layer, config.num_head_layers, enable_nested_tensor=False)
             self.project = nn.Linear(config.inner_dim, config.output_dim)
+        self.static: nn.Embedding | None = None
+        if config.static_dim:
+            if not config.base_vocab_size:
+                raise ValueError("a static branch (static_dim > 0) needs the base's vocabulary size "
+                                 "(config.base_vocab_size); attach the head to its base with get_retrieval_model().")
+            self.static = nn.Embedding(config.base_vocab_size, config.static_dim)
+            nn.init.normal_(self.static.weight, std=0.02)
+            self.static_out = nn.Linear(config.static_dim, config.output_dim, bias=False)
+            nn.init.zeros_(self.static_out.weight)  # a fresh branch adds nothing: training starts from the MLP
+
+    @property
+    def uses_ids(self) -> bool:
+        """Whether the head reads the span's token ids (a static branch) besides its states."""
+        return self.static is not None
+
+    @staticmethod
+    def span_ids(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The static branch's input: `input_ids` [B, T] where the span `mask` is set, -1 elsewhere."""
+        return torch.where(mask.bool(), input_ids.to(mask.device), -1)
+
+    def static_embedding(self, span_ids: torch.Tensor) -> torch.Tensor:
+        """Mean of the table's rows over each row's ids (-1 = padding), mapped to `output_dim`: [B, output_dim]."""
+        valid = span_ids >= 0
+        rows = self.static(span_ids.clamp_min(0)) * valid.unsqueeze(-1)
+        mean = rows.sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
+        return F.linear(mean, self.static_out.weight)
 
     @property
     def token_level(self) -> bool:
@@ -78,8 +108,10 @@ class ProjectionHead(nn.Module):
         states = F.layer_norm(states.float(), states.shape[-1:])
         return states if self.token_level else pool(states, mask, self.pooling)
 
-    def project_features(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Map `features()` output to embeddings (L2-normalised when the config says so)."""
+    def project_features(self, features: torch.Tensor, mask: torch.Tensor | None = None,
+                         span_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Map `features()` output (and, for a static branch, `span_ids` [B, L], -1 padded) to embeddings
+        (L2-normalised when the config says so)."""
         if self.token_level:
             tokens = self.encoder(self.token_in(features), src_key_padding_mask=~mask.bool())
             out = self.project(pool(tokens, mask, self.pooling))
@@ -95,6 +127,12 @@ class ProjectionHead(nn.Module):
                         if self.training:
                             out = F.dropout(out, self.dropout, training=True)
                     out = F.linear(out, layer.weight, layer.bias)
+        if self.static is not None:
+            if span_ids is None:
+                raise ValueError("this head has a static branch (static_dim > 0): it needs the span's token ids; "
+                                 "call head(states, mask, input_ids) or RetrievalModel.embed_hidden_states(..., "
+                                 "input_ids=...)")
+            out = out + self.static_embedding(span_ids.to(out.device))
         if not self.normalize:
             return out
         return out / torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min(1e-12)  # = F.normalize, leaner
@@ -139,6 +177,8 @@ class ProjectionHead(nn.Module):
             self._packed = PackedLayers(self._dense, self.quantized_to)
         return self._packed
 
-    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Embeddings [B, output_dim] (fp32) for token states [B, T, H] and a span mask [B, T]."""
-        return self.project_features(self.features(states, mask), mask)
+    def forward(self, states: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings [B, output_dim] (fp32) for token states [B, T, H] and a span mask [B, T] (and the token ids
+        [B, T] of those positions, which a static branch reads)."""
+        ids = self.span_ids(input_ids, mask) if input_ids is not None and self.static is not None else None
+        return self.project_features(self.features(states, mask), mask, ids)

@@ -58,9 +58,12 @@ def hidden_states_at(
 ) -> dict[int, torch.Tensor]:
     """`{i: output_hidden_states[i]}` for each index in `layers` (0 = embeddings, num_layers = last), one pass.
 
-    `model` is a transformers causal LM (unwrapped from PEFT); `kwargs` go to its inner model (a KV cache, ...).
-    The pass stops after the deepest wanted block and never computes logits.
+    `model` is a transformers causal LM (a PEFT wrapper is looked through: its tuner layers sit in the modules);
+    `kwargs` go to its inner model (a KV cache, ...). The pass stops after the deepest wanted block and never
+    computes logits.
     """
+    get_base = getattr(model, "get_base_model", None)
+    model = get_base() if callable(get_base) else model
     num_layers = num_layers_of(model)
     wanted = sorted(set(int(i) for i in layers))
     if not wanted or wanted[0] < 0 or wanted[-1] > num_layers:

@@ -41,6 +41,7 @@ def describe_base(model: nn.Module) -> dict[str, Any]:
         "base_architecture": architectures[0],
         "base_hidden_size": int(text_config.hidden_size),
         "base_num_layers": int(text_config.num_hidden_layers),
+        "base_vocab_size": int(text_config.vocab_size),
         "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
     }
 
@@ -52,7 +53,7 @@ def check_base(config: RetrievalHeadConfig, model: nn.Module, allow_merged: bool
     adapter than the one the head recorded, or none (`allow_merged=True` accepts one merged into the base).
     """
     found = describe_base(model)
-    for key in ("base_architecture", "base_hidden_size", "base_num_layers"):
+    for key in ("base_architecture", "base_hidden_size", "base_num_layers", "base_vocab_size"):
         expected = getattr(config, key)
         if expected is not None and expected != found[key]:
             raise BaseMismatchError(
@@ -128,16 +129,22 @@ class RetrievalModel(nn.Module, PushToHubMixin):
             return hidden_states_at(base_of(self.base_model), [self.layer_index], input_ids, attention_mask,
                                     **kwargs)[self.layer_index]
 
-    def embed_hidden_states(self, hidden_states: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
+    def embed_hidden_states(self, hidden_states: torch.Tensor, span_mask: torch.Tensor,
+                            input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings from states the base already computed ([B, T, H] at the head's layer) over a span mask.
 
+        `input_ids` [B, T] are the token ids at those positions: a head with a static branch reads them.
         With an encode adapter the states must be computed with it on (`layer_states`), not by `generate`.
         """
         if span_mask.shape != hidden_states.shape[:2]:
             raise ValueError(f"span_mask {tuple(span_mask.shape)} does not match states {tuple(hidden_states.shape)}.")
         if not bool(span_mask.any(dim=1).all()):
             raise ValueError("An input has an empty span: there are no tokens to pool. Give a non-empty span.")
-        return self.head(hidden_states.to(self.head_device), span_mask.to(self.head_device))
+        if input_ids is not None and input_ids.shape != span_mask.shape:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} does not match span_mask {tuple(span_mask.shape)}.")
+        if input_ids is not None:
+            input_ids = input_ids.to(self.head_device)
+        return self.head(hidden_states.to(self.head_device), span_mask.to(self.head_device), input_ids)
 
     @property
     def head_device(self) -> torch.device:
@@ -148,7 +155,7 @@ class RetrievalModel(nn.Module, PushToHubMixin):
     ) -> torch.Tensor:
         """Embeddings [B, output_dim] for tokenized input; the span defaults to every attended token."""
         states = self.layer_states(input_ids, attention_mask)
-        return self.embed_hidden_states(states, attention_mask if span_mask is None else span_mask)
+        return self.embed_hidden_states(states, attention_mask if span_mask is None else span_mask, input_ids)
 
     def embed(self, items: Sequence[EncodeInput], prompt: str = "") -> torch.Tensor:
         """Embeddings for a batch of texts or conversations, rendered with the head's template."""

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - sentence-transformers 5.x
 
 from .config import RetrievalHeadConfig
 from .head import ProjectionHead
+from .layer_states import hidden_states_at
 from .persistence import read_config, read_weights, save_head
 from .templates import QueryRenderer, check_inputs, context_length
 from .version import __version__
@@ -82,11 +83,9 @@ class RetrievalHeadInput(InputModule):
         return self.renderer.collate([self.renderer.render(item, prompt or "") for item in items])
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
-        outputs = self.auto_model(
-            input_ids=features["input_ids"], attention_mask=features["attention_mask"],
-            output_hidden_states=True, use_cache=False,
-        )
-        features["token_embeddings"] = outputs.hidden_states[self.layer_index]
+        states = hidden_states_at(self.auto_model, [self.layer_index], features["input_ids"],
+                                  features["attention_mask"])
+        features["token_embeddings"] = states[self.layer_index]
         return features
 
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
@@ -143,7 +142,9 @@ class RetrievalHeadPooling(Module):
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         states = features["token_embeddings"]
         device = next(self.head.parameters()).device
-        features["sentence_embedding"] = self.head(states.to(device), features["span_mask"].to(device))
+        ids = features.get("input_ids") if self.head.uses_ids else None
+        features["sentence_embedding"] = self.head(states.to(device), features["span_mask"].to(device),
+                                                   None if ids is None else ids.to(device))
         return features
 
     def get_sentence_embedding_dimension(self) -> int:

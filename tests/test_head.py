@@ -193,3 +193,36 @@ def test_a_head_made_under_inference_mode_quantizes_and_packs_loaded_weights_aga
         expected = donor(states, mask)
     assert (after - before).abs().max() > 0.1
     assert torch.nn.functional.cosine_similarity(after, expected).min() > 0.999
+
+
+def static_head(**overrides) -> ProjectionHead:
+    head = ProjectionHead(small_config(static_dim=4, base_vocab_size=50, **overrides), HIDDEN).eval()
+    torch.nn.init.normal_(head.static_out.weight, generator=torch.Generator().manual_seed(2))
+    return head
+
+
+def test_a_fresh_static_branch_adds_nothing_and_a_trained_one_reads_only_the_span_ids() -> None:
+    states, mask = states_and_mask()
+    ids = torch.randint(0, 50, mask.shape, generator=torch.Generator().manual_seed(0))
+    fresh = ProjectionHead(small_config(static_dim=4, base_vocab_size=50), HIDDEN).eval()
+    plain = ProjectionHead(small_config(), HIDDEN).eval()
+    assert torch.allclose(fresh(states, mask, ids), plain(states, mask), atol=1e-6)
+    head = static_head()
+    out = head(states, mask, ids)
+    assert not torch.allclose(out, plain(states, mask), atol=1e-3)
+    other = torch.where(mask.bool(), ids, (ids + 7) % 50)  # change only the ids outside the span
+    assert torch.allclose(head(states, mask, other), out, atol=1e-6)
+    inside = torch.where(mask.bool(), (ids + 7) % 50, ids)
+    assert not torch.allclose(head(states, mask, inside), out, atol=1e-3)
+    alone = head(states[1:2, 2:5], mask[1:2, 2:5], ids[1:2, 2:5])  # padding and position do not matter
+    assert torch.allclose(alone, out[1:2], atol=1e-5)
+
+
+def test_a_static_branch_without_ids_or_vocabulary_is_a_clear_error() -> None:
+    states, mask = states_and_mask()
+    with pytest.raises(ValueError, match="token ids"):
+        static_head()(states, mask)
+    with pytest.raises(ValueError, match="base_vocab_size"):
+        ProjectionHead(small_config(static_dim=4), HIDDEN)
+    with pytest.raises(ValueError, match="static_dim"):
+        small_config(static_dim=-1)

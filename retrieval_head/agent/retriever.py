@@ -237,9 +237,10 @@ class NativeRetriever:
         span_s = time.perf_counter() - start
         query_states = states[:, width - keep + lo : width - keep + hi]
         with torch.inference_mode(), _head_in_eval(self.model):
-            embeddings = self.model.embed_hidden_states(query_states, mask.to(states.device)).float().cpu()
+            query_ids = out.sequences[:, width + lo : width + hi].to(states.device)
+            embeddings = self.model.embed_hidden_states(query_states, mask.to(states.device), query_ids).float().cpu()
         embed_s = time.perf_counter() - start
-        user_turn = self._embed_user_turns(states, user_spans, keep)
+        user_turn = self._embed_user_turns(states, user_spans, keep, input_ids)
         user_turn_s = time.perf_counter() - start - embed_s
         new_cache = None
         past = output_cache(out)
@@ -268,7 +269,7 @@ class NativeRetriever:
         return results
 
     def _embed_user_turns(self, states: torch.Tensor, spans: list[tuple[int, int] | None],
-                          keep: int) -> list[torch.Tensor | None]:
+                          keep: int, input_ids: torch.Tensor) -> list[torch.Tensor | None]:
         """The head over each row's last user message, from the prompt states kept from position `keep`."""
         rows = [row for row, span in enumerate(spans) if span is not None]
         if not rows:
@@ -278,7 +279,8 @@ class NativeRetriever:
         for i, row in enumerate(rows):
             mask[i, spans[row][0] - lo : spans[row][1] - lo] = 1
         with torch.inference_mode(), _head_in_eval(self.model):
-            embedded = self.model.embed_hidden_states(states[rows, lo - keep : hi - keep], mask).float().cpu()
+            ids = input_ids[rows, lo:hi].to(states.device)
+            embedded = self.model.embed_hidden_states(states[rows, lo - keep : hi - keep], mask, ids).float().cpu()
         out: list[torch.Tensor | None] = [None] * len(spans)
         for i, row in enumerate(rows):
             out[row] = embedded[i]
@@ -329,7 +331,8 @@ class NativeRetriever:
         states = capture.states()  # the span's states only
         mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
         with torch.inference_mode(), _head_in_eval(self.model):
-            embedding = self.model.embed_hidden_states(states, mask)[0].float().cpu()
+            span_ids = ids[:, rendered.span_start : rendered.span_start + states.shape[1]].to(states.device)
+            embedding = self.model.embed_hidden_states(states, mask, span_ids)[0].float().cpu()
         past = output_cache(out)
         turn_cache = TurnCache(list(rendered.input_ids), past) if (return_cache and past is not None) else None
         return ConversationEmbedding(embedding, list(rendered.input_ids), rendered.span_start, rendered.span_end,

@@ -100,6 +100,8 @@ class ExampleSet:
     top_k: torch.Tensor
     gold: torch.Tensor  # [N, G] doc indices, -1 padded
     offsets: torch.Tensor | None = None
+    ids: torch.Tensor | None = None  # every row's span token ids, concatenated (a static branch reads them)
+    id_offsets: torch.Tensor | None = None  # [N + 1] where each row's ids start in `ids`
 
     def __len__(self) -> int:
         return self.teacher.shape[0]
@@ -124,7 +126,14 @@ class ExampleSet:
         gold_t = torch.full((len(gold), width), -1, dtype=torch.long)
         for r, g in enumerate(gold):
             gold_t[r, : len(g)] = torch.tensor(g, dtype=torch.long)
-        return cls(features, source.teacher[idx], source.top_k[idx], gold_t, offsets)
+        ids = id_offsets = None
+        if "span_ids" in source.features:
+            all_ids, starts = source.features["span_ids"], source.features["span_offsets"]
+            pieces = [all_ids[starts[i] : starts[i + 1]] for i in idx.tolist()]
+            ids = torch.cat(pieces) if pieces else all_ids[:0]
+            id_offsets = torch.cat([torch.zeros(1, dtype=torch.long),
+                                    torch.tensor([p.shape[0] for p in pieces], dtype=torch.long).cumsum(0)])
+        return cls(features, source.teacher[idx], source.top_k[idx], gold_t, offsets, ids, id_offsets)
 
     @classmethod
     def concat(cls, parts: Sequence[ExampleSet]) -> ExampleSet:
@@ -134,15 +143,20 @@ class ExampleSet:
         def pad(t: torch.Tensor, width: int) -> torch.Tensor:
             return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)
 
-        offsets = None
-        if parts[0].offsets is not None:
+        def joined(name: str) -> torch.Tensor | None:
+            if any(getattr(p, name) is None for p in parts):
+                return None
             chunks, start = [torch.zeros(1, dtype=torch.long)], 0
             for p in parts:
-                chunks.append(p.offsets[1:] + start)
-                start += int(p.offsets[-1])
-            offsets = torch.cat(chunks)
+                chunks.append(getattr(p, name)[1:] + start)
+                start += int(getattr(p, name)[-1])
+            return torch.cat(chunks)
+
+        id_offsets = joined("id_offsets")
+        ids = torch.cat([p.ids for p in parts]) if id_offsets is not None else None
         return cls(torch.cat([p.features for p in parts]), torch.cat([p.teacher for p in parts]),
-                   torch.cat([pad(p.top_k, k) for p in parts]), torch.cat([pad(p.gold, g) for p in parts]), offsets)
+                   torch.cat([pad(p.top_k, k) for p in parts]), torch.cat([pad(p.gold, g) for p in parts]),
+                   joined("offsets"), ids, id_offsets)
 
     def head_input(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(features, mask) of these rows: pooled [B, H] (mask None), or tokens padded to [B, L, H] + mask."""
@@ -158,14 +172,27 @@ class ExampleSet:
             mask[r, : p.shape[0]] = True
         return out, mask
 
+    def span_ids(self, rows: Sequence[int]) -> torch.Tensor | None:
+        """The rows' span token ids padded with -1 ([B, L]), or None when the features carry none."""
+        if self.ids is None or self.id_offsets is None:
+            return None
+        pieces = [self.ids[self.id_offsets[i] : self.id_offsets[i + 1]] for i in rows]
+        out = torch.full((len(pieces), max([p.shape[0] for p in pieces] + [1])), -1, dtype=torch.long)
+        for r, p in enumerate(pieces):
+            out[r, : p.shape[0]] = p.long()
+        return out
+
     def batch(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
-        """A training batch: head input, teacher targets, top-k and gold doc indices."""
+        """A training batch: head input (+ span ids), teacher targets, top-k and gold doc indices."""
         features, mask = self.head_input(rows)
         idx = torch.as_tensor(list(rows), dtype=torch.long)
         batch = {"features": features, "teacher": self.teacher[idx].float(), "top_k": self.top_k[idx],
                  "gold": self.gold[idx], "rows": idx}
         if mask is not None:
             batch["mask"] = mask
+        span_ids = self.span_ids(idx.tolist())
+        if span_ids is not None:
+            batch["span_ids"] = span_ids
         return batch
 
 

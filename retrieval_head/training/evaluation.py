@@ -12,7 +12,7 @@ from ..evaluation import RetrievalEvaluator, retention
 from ..index import DocumentIndex
 from .datasets import ExampleSet, Source, TrainingData
 
-Project = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+Project = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]  # features, mask, span ids
 REPORTED = ("ndcg@10", "recall@10", "mrr@10", "recall@100")
 
 
@@ -56,8 +56,9 @@ class SplitEvaluator:
     def embed(self, project: Project, examples: ExampleSet, batch_size: int = 256) -> torch.Tensor:
         out = []
         for start in range(0, len(examples), batch_size):
-            features, mask = examples.head_input(range(start, min(start + batch_size, len(examples))))
-            out.append(project(features, mask).float().cpu())
+            rows = range(start, min(start + batch_size, len(examples)))
+            features, mask = examples.head_input(rows)
+            out.append(project(features, mask, examples.span_ids(rows)).float().cpu())
         return torch.cat(out) if out else torch.empty((0, examples.teacher.shape[1]))
 
     def evaluate(self, project: Project) -> dict[str, Any]:

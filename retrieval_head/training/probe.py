@@ -36,7 +36,8 @@ def run_probe(data: TrainingData, ridge: float = 1.0, metric: str = "ndcg@10",
         train = data.examples("train", key)
         weights = ridge_fit(train.features.float(), train.teacher.float(), ridge)
 
-        def project(features: torch.Tensor, mask: torch.Tensor | None, w: torch.Tensor = weights) -> torch.Tensor:
+        def project(features: torch.Tensor, mask: torch.Tensor | None, span_ids: torch.Tensor | None = None,
+                    w: torch.Tensor = weights) -> torch.Tensor:
             return torch.nn.functional.normalize(features.float() @ w[:-1] + w[-1], dim=-1)
 
         report = SplitEvaluator(data, "dev", key).evaluate(project)

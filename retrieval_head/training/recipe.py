@@ -60,6 +60,7 @@ class HeadSpec:
     num_head_layers: int = 1
     num_attention_heads: int = 8
     dropout: float = 0.1
+    static_dim: int = 0  # width of the static (lexical) branch over the span's LM token ids; 0 = none
     output_dim: int | None = None  # None: the teacher's dim; a set value must equal it
     normalize: bool = True
     query_template: str = "chat"

@@ -80,8 +80,9 @@ class FeatureHead(nn.Module):
         super().__init__()
         self.head = head
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head.project_features(features, mask)
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None,
+                span_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head.project_features(features, mask, span_ids)
 
 
 class EpochOrder(torch.utils.data.Dataset):
@@ -104,6 +105,11 @@ class EpochOrder(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> int:
         return self.order[i]
+
+
+def _on(device: Any, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The tensors on `device` (None stays None)."""
+    return [None if t is None else t.to(device) for t in tensors]
 
 
 # --- set-up helpers -----------------------------------------------------------------------------------
@@ -135,7 +141,8 @@ def head_config(recipe: Recipe, fingerprint: TeacherFingerprint, layer: int | No
         base_model_name_or_path=recipe.base.model, revision=recipe.base.revision,
         layer=h.layer if layer is None else layer, pooling=h.pooling if pooling is None else pooling,
         head_type=h.head_type, inner_dim=h.inner_dim, num_head_layers=h.num_head_layers,
-        num_attention_heads=h.num_attention_heads, dropout=h.dropout, output_dim=check_teacher_dim(recipe, fingerprint),
+        num_attention_heads=h.num_attention_heads, dropout=h.dropout, static_dim=h.static_dim,
+        output_dim=check_teacher_dim(recipe, fingerprint),
         normalize=h.normalize, seed=recipe.train.seed, query_template=h.query_template, system_prompt=h.system_prompt,
         max_length=h.max_length, teacher=fingerprint.to_dict(),
     )
@@ -345,7 +352,7 @@ class Trainer:
                 reason = "a non-finite loss on another process"
                 with acc.accumulate(head):
                     try:
-                        student = head(batch["features"], batch.get("mask"))
+                        student = head(batch["features"], batch.get("mask"), batch.get("span_ids"))
                         total, parts = self._loss(loss_fn, student, batch, documents)
                         bad = torch.zeros((), device=acc.device)
                     except FloatingPointError as err:
@@ -445,7 +452,7 @@ class Trainer:
         if acc.is_main_process and dev_eval is not None and dev_eval.parts:
             module = acc.unwrap_model(head)
             module.eval()
-            report = dev_eval.evaluate(lambda f, m: module(f.to(acc.device), None if m is None else m.to(acc.device)))
+            report = dev_eval.evaluate(lambda f, m, ids: module(*_on(acc.device, f, m, ids)))
             module.train()
             value = score(report, self.recipe.train.best_metric)
             if value is not None and (state["best_score"] is None or value > state["best_score"]):
@@ -489,7 +496,7 @@ class Trainer:
         head = self.model.head.float().eval()
         test_eval = SplitEvaluator(data, "test", key, token_level)
         device = next(head.parameters()).device
-        test = test_eval.evaluate(lambda f, m: head.project_features(f.to(device), None if m is None else m.to(device)))
+        test = test_eval.evaluate(lambda f, m, ids: head.project_features(*_on(device, f, m, ids)))
         config = self.model.config
         config.metrics = {name: {"head": e["head"], "teacher": e["teacher"], "split": "test",
                                  "queries": e["queries"], "cosine": round(e["cosine"], 4)}

@@ -22,10 +22,13 @@ SHORT = [{"role": "user", "content": "where can I park my car"}]
 FINGERPRINT = TeacherFingerprint("tiny-teacher", None, DIM, "cosine", True, "a" * 64)
 
 
-def make_model(arch: str = "llama", layer: int = 2, head_type: str = "mlp", teacher=FINGERPRINT):
+def make_model(arch: str = "llama", layer: int = 2, head_type: str = "mlp", teacher=FINGERPRINT, static_dim: int = 0):
     config = RetrievalHeadConfig(layer=layer, output_dim=DIM, inner_dim=32, head_type=head_type, num_attention_heads=4,
-                                 teacher=teacher.to_dict() if teacher else None)
-    return get_retrieval_model(tiny_causal_lm(arch), config, tokenizer=tiny_tokenizer())
+                                 teacher=teacher.to_dict() if teacher else None, static_dim=static_dim)
+    model = get_retrieval_model(tiny_causal_lm(arch), config, tokenizer=tiny_tokenizer())
+    if static_dim:  # a fresh branch adds zero: give it weights, so the tests see the ids it reads
+        torch.nn.init.normal_(model.head.static_out.weight, generator=torch.Generator().manual_seed(5))
+    return model
 
 
 def make_index(fingerprint=FINGERPRINT, n: int = 12) -> DocumentIndex:
@@ -54,4 +57,4 @@ def rerun_embedding(agent: NativeRetriever, result) -> torch.Tensor:
     offset = len(result.prompt_ids)
     mask[0, offset + result.span.start : offset + result.span.end] = 1
     with torch.inference_mode():
-        return model.embed_hidden_states(states, mask)[0]
+        return model.embed_hidden_states(states, mask, torch.tensor([ids]))[0]

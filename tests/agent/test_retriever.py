@@ -180,3 +180,18 @@ def test_embedded_smollm2_writes_a_query_and_capture_matches(embedded_agent):
     assert (result.query_embedding - rerun_embedding(agent, result)).abs().max().item() < 1e-4
     assert (agent.embed_conversation(conversation).embedding
             - torch.as_tensor(model.encode(conversation))).abs().max().item() < 1e-4
+
+
+def test_a_static_branch_head_reads_the_ids_generate_already_has():
+    model = make_model(static_dim=8)
+    agent = NativeRetriever(model, make_index(), instruction="Search query between {open} and {close}.")
+    plain = make_model()
+    result = agent.generate_and_search(CONV, max_new_tokens=5, **NO_SPECIALS)
+    expected = torch.as_tensor(model.encode(CONV))
+    assert (result.user_turn_embedding - expected).abs().max().item() < 1e-4
+    assert (expected - torch.as_tensor(plain.encode(CONV))).abs().max().item() > 1e-3  # the branch counts
+    assert (result.query_embedding - rerun_embedding(agent, result)).abs().max().item() < 1e-4
+    got = agent.embed_conversation(CONV).embedding
+    assert (got - expected).abs().max().item() < 1e-5
+    batch = agent.generate_and_search([SHORT, CONV], max_new_tokens=4, **NO_SPECIALS)
+    assert (batch[0].user_turn_embedding - torch.as_tensor(model.encode(SHORT))).abs().max().item() < 1e-4

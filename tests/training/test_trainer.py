@@ -144,3 +144,13 @@ def test_read_only_caches_are_reused_not_written(tmp_path, monkeypatch):
                                 "features.read_only_caches": [str(shipped)]})
     run(layered, tmp_path / "b")
     assert sorted(p.name for p in shipped.iterdir()) == before
+
+
+def test_a_static_branch_trains_on_the_cached_span_ids_and_is_saved(tmp_path):
+    recipe = tiny_recipe(tmp_path).replace(**{"head.static_dim": 4, "train.max_steps": 6})
+    run(recipe, tmp_path / "out")
+    config = RetrievalHeadConfig.from_json_file(tmp_path / "out/config.json")
+    assert config.static_dim == 4 and config.base_vocab_size == 300
+    saved = load_file(str(tmp_path / "out/retrieval_head.safetensors"))
+    assert saved["static.weight"].shape == (300, 4)
+    assert saved["static_out.weight"].abs().sum() > 0  # zero at init: the loss reached the branch
