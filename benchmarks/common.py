@@ -161,12 +161,18 @@ def summarize(seconds: list[float]) -> dict[str, float]:
             "runs": len(ms)}
 
 
+def repo_relative(text: str) -> str:
+    """`text` with this checkout's absolute path removed (results name `heads/...`, not a machine's folder)."""
+    return text.replace(f"{ROOT}/", "").replace(str(ROOT), ".")
+
+
 def write_results(name: str, data: dict[str, Any], markdown: str, folder: str | Path = RESULTS) -> Path:
     """`<folder>/<name>.json` (sorted, indented) and `<name>.md`; returns the JSON path."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    (out / f"{name}.md").write_text(markdown.rstrip() + "\n", encoding="utf-8")
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    (out / f"{name}.json").write_text(repo_relative(text), encoding="utf-8")
+    (out / f"{name}.md").write_text(repo_relative(markdown.rstrip()) + "\n", encoding="utf-8")
     print(f"wrote {out / (name + '.json')} and {name}.md", file=sys.stderr)
     return out / f"{name}.json"
 

@@ -115,6 +115,8 @@ def head_paths(model: Any, inputs: list[dict[str, torch.Tensor]]) -> tuple[dict[
     masks = [x["span_mask"] for x in inputs]
     columns = [span_columns(m) for m in masks]
     states = [s[:, lo:hi].contiguous() for s, (lo, hi) in zip(states, columns, strict=True)]
+    ids = [x["input_ids"][:, lo:hi] if model.head.uses_ids else None
+           for x, (lo, hi) in zip(inputs, columns, strict=True)]  # a static branch reads the span's ids too
     masks = [m[:, lo:hi] for m, (lo, hi) in zip(masks, columns, strict=True)]
     n, fns = len(inputs), {}
     for key, dtype in HEAD_PATHS.items():
@@ -122,7 +124,7 @@ def head_paths(model: Any, inputs: list[dict[str, torch.Tensor]]) -> tuple[dict[
 
         def run_head(i: int, head: Any = head) -> None:
             with torch.inference_mode():
-                head(states[i % n], masks[i % n])
+                head(states[i % n], masks[i % n], ids[i % n])
 
         fns[key] = run_head
     return fns, float(torch.cat([m.sum(1) for m in masks]).float().mean())
@@ -145,7 +147,7 @@ def measure(model: Any, teacher: Any, texts: list[str], batch: int, runs: int, w
     def run_lm_forward_head(i: int) -> None:
         x = inputs[i % n]
         with torch.inference_mode():
-            head(model.layer_states(x["input_ids"], x["attention_mask"]), x["span_mask"])
+            head(model.layer_states(x["input_ids"], x["attention_mask"]), x["span_mask"], x["input_ids"])
 
     fns: dict[str, Callable[[int], Any]] = {"teacher": run_teacher, "lm_head": run_lm_head,
                                             "lm_forward_head": run_lm_forward_head}

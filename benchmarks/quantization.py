@@ -43,26 +43,31 @@ def label(dtype: str | None) -> str:
 
 
 @torch.inference_mode()
-def head_features(model: Any, inputs: list, batch_size: int) -> torch.Tensor:
-    """The head's weight-free features [N, H] of each input, rendered as `encode_query` renders it."""
+def head_features(model: Any, inputs: list, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight-free features [N, H] of each input, rendered as `encode_query` renders it, and the
+    span's token ids [N, L] (-1 padded) when the head has a static branch."""
     prompt = (model.config.prompts or {}).get("query", "")
     renderer = model.renderer
     rendered = [renderer.render(item, prompt) for item in inputs]
     order = sorted(range(len(rendered)), key=lambda i: len(rendered[i].input_ids))
     features = torch.empty(len(rendered), model.config.base_hidden_size)
+    width = max(r.span_end - r.span_start for r in rendered)
+    span_ids = torch.full((len(rendered), width), -1, dtype=torch.long)
+    for i, r in enumerate(rendered):
+        span_ids[i, : r.span_end - r.span_start] = torch.tensor(r.input_ids[r.span_start : r.span_end])
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = renderer.collate([rendered[i] for i in rows], device=model.device)
         states = model.layer_states(batch["input_ids"], batch["attention_mask"])
         features[rows] = model.head.features(states, batch["span_mask"]).float().cpu()
-    return features
+    return features, (span_ids if model.head.uses_ids else None)
 
 
 @torch.inference_mode()
-def project(model: Any, features: torch.Tensor, dtype: str | None) -> np.ndarray:
+def project(model: Any, features: tuple[torch.Tensor, torch.Tensor | None], dtype: str | None) -> np.ndarray:
     model.quantize_head(dtype)
     try:
-        return model.head.project_features(features).numpy()
+        return model.head.project_features(features[0], None, features[1]).numpy()
     finally:
         model.quantize_head(None)
 

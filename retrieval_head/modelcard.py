@@ -206,6 +206,7 @@ def render_card(
         layer=config.layer,
         pooling=config.pooling,
         inner_dim=config.inner_dim,
+        static_dim=config.static_dim,
         query_template=config.query_template,
         max_length=config.max_length,
         output_dim=config.output_dim,

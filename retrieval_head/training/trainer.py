@@ -107,6 +107,16 @@ class EpochOrder(torch.utils.data.Dataset):
         return self.order[i]
 
 
+def parameter_groups(head: nn.Module, lr: float, static_lr_scale: float) -> list[dict[str, Any]]:
+    """AdamW groups: the static branch's table (rows updated only when their token occurs) at `lr * scale`."""
+    static = [p for n, p in head.named_parameters() if ".static." in f".{n}"]
+    rest = [p for n, p in head.named_parameters() if ".static." not in f".{n}"]
+    groups = [{"params": rest, "lr": lr}]
+    if static:
+        groups.append({"params": static, "lr": lr * static_lr_scale})
+    return groups
+
+
 def _on(device: Any, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     """The tensors on `device` (None stays None)."""
     return [None if t is None else t.to(device) for t in tensors]
@@ -303,7 +313,8 @@ class Trainer:
 
         head = FeatureHead(self.model.head)
         head.train()
-        optimizer = torch.optim.AdamW(head.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        optimizer = torch.optim.AdamW(parameter_groups(head, t.lr, t.static_lr_scale), lr=t.lr,
+                                      weight_decay=t.weight_decay)
         from transformers import get_cosine_schedule_with_warmup
 
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_ratio * t.max_steps), t.max_steps)
