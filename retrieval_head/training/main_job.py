@@ -3,8 +3,9 @@
 and print the report beside the head shipped in the repository (`heads/smollm2-135m-minilm/`).
 
 On a CPU the LM pass dominates (~900 tokens/s on 2 cores with the truncated pass and the shared prefix), so the
-job reads a sample: a few hundred queries and a thousand corpus sentences per dataset plus a capped test split. DSTC11 dialogues cost ~230 tokens each (the
-history fills the 256-token window), SciFact claims ~15 (the chat template's prefix is run once and reused).
+job reads a sample: a few hundred queries and a thousand corpus sentences per dataset plus a capped test split.
+DSTC11 dialogues cost ~230 tokens each (the history fills the 256-token window), SciFact claims ~15 (the chat
+template's prefix is run once and reused).
 The split (fractions and seed) is the default recipe's, so the shipped head never trained on these test
 queries. The shipped head was trained by a longer run of the default recipe on the full data.
 """
