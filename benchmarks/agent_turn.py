@@ -95,16 +95,17 @@ def head_only(agent, conversation, max_new_tokens: int, repeats: int = 20) -> fl
 
     ids = torch.tensor([agent.prompt_ids(conversation)])
     with torch.inference_mode(), LayerCapture(agent.capture_point, keep_from=ids.shape[1]) as capture:
-        agent.model.base_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                        max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=agent.tokenizer.pad_token_id)
+        sequences = agent.model.base_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                    max_new_tokens=max_new_tokens, do_sample=False,
+                                                    pad_token_id=agent.tokenizer.pad_token_id)
     states = capture.states()
     mask = torch.ones(states.shape[:2], dtype=torch.long)
+    new_ids = sequences[:, ids.shape[1] : ids.shape[1] + states.shape[1]]  # a static branch reads them
     times = []
     with torch.inference_mode():
         for _ in range(repeats):
             start = time.perf_counter()
-            agent.model.embed_hidden_states(states, mask)
+            agent.model.embed_hidden_states(states, mask, new_ids)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 

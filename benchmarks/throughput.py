@@ -69,6 +69,13 @@ def head_input(model: Any, features: dict[str, torch.Tensor], rows: list[int]) -
     return padded, mask
 
 
+def span_ids(features: dict[str, torch.Tensor], rows: list[int]) -> torch.Tensor:
+    """The rows' span token ids from `extract_features` output, -1 padded [B, L] (a static branch reads them)."""
+    ids, offsets = features["span_ids"], features["span_offsets"]
+    pieces = [ids[offsets[r] : offsets[r + 1]].long() for r in rows]
+    return torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True, padding_value=-1)
+
+
 def train_epoch(model: Any, head: Any, optimizer: Any, items: list[Any], targets: torch.Tensor, batch_size: int,
                 cached: dict[str, torch.Tensor] | None, seed: int) -> tuple[float, float]:
     """One epoch (shuffled batches); returns (seconds, mean loss). Without `cached`, the LM runs every step."""
@@ -87,7 +94,8 @@ def train_epoch(model: Any, head: Any, optimizer: Any, items: list[Any], targets
             x, mask = head_input(model, features, list(range(len(rows))))
         else:
             x, mask = head_input(model, cached, rows)
-        out = head.project_features(x, mask)
+        out = head.project_features(x, mask, span_ids(cached if cached is not None else features,
+                                                      rows if cached is not None else list(range(len(rows)))))
         loss = (1 - torch.nn.functional.cosine_similarity(out, targets[rows], dim=-1)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
