@@ -81,6 +81,11 @@ class RetrievalHeadConfig(PretrainedConfig):
         metadata={"help": "Width of the static (lexical) branch: a learned table over the LM token ids of the text's "
                           "span, mean-pooled, mapped to output_dim and added before normalising. 0 = none."},
     )
+    static_base_embeddings: bool = field(
+        default=False,
+        metadata={"help": "The static branch also pools the base's own input embeddings of the span's tokens "
+                          "(standardised, as hidden_states[0]); read from the base at run time, never stored."},
+    )
     dropout: float = field(default=0.1, metadata={"help": "Dropout inside the head while training."})
     output_dim: int = field(default=384, metadata={"help": "Embedding size; must equal the teacher's."})
     normalize: bool = field(default=True, metadata={"help": "L2-normalise the head's output."})
@@ -141,6 +146,8 @@ class RetrievalHeadConfig(PretrainedConfig):
                 raise ValueError(f"RetrievalHeadConfig.{name} must be a positive integer, got {getattr(self, name)}.")
         if int(self.static_dim) < 0:
             raise ValueError(f"RetrievalHeadConfig.static_dim must be >= 0 (0 = none), got {self.static_dim}.")
+        if self.static_base_embeddings and not int(self.static_dim):
+            raise ValueError("RetrievalHeadConfig.static_base_embeddings needs a static branch: set static_dim > 0.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"RetrievalHeadConfig.dropout must be in [0, 1), got {self.dropout}.")
         if self.base_num_layers is not None:

@@ -28,6 +28,8 @@ class ProjectionHead(nn.Module):
     With `config.static_dim > 0` a static (lexical) branch adds the mean of a learned table's rows over the
     span's LM token ids, mapped to `output_dim`, before normalising: token identity (names, numbers, rare terms)
     that a mean-pooled hidden layer blurs. At query time it is one gather and a mean over ids the LM already has.
+    With `config.static_base_embeddings` the branch also pools the base's own input embeddings of those ids
+    (`tie_input_embeddings`: a reference to the base's module, not a parameter of the head, never saved).
     """
 
     def __init__(self, config: RetrievalHeadConfig, hidden_size: int) -> None:
@@ -37,6 +39,7 @@ class ProjectionHead(nn.Module):
         self.dropout = config.dropout
         self.quantized_to: str | None = None
         self._packed: PackedLayers | None = None
+        self._input_embeddings: tuple[nn.Module, ...] = ()  # a tuple: the base's module, not registered here
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)
         try:
@@ -78,7 +81,8 @@ class ProjectionHead(nn.Module):
                                  "(config.base_vocab_size); attach the head to its base with get_retrieval_model().")
             self.static = nn.Embedding(config.base_vocab_size, config.static_dim)
             nn.init.normal_(self.static.weight, std=0.02)
-            self.static_out = nn.Linear(config.static_dim, config.output_dim, bias=False)
+            width = config.static_dim + (hidden_size if config.static_base_embeddings else 0)
+            self.static_out = nn.Linear(width, config.output_dim, bias=False)
             nn.init.zeros_(self.static_out.weight)  # a fresh branch adds nothing: training starts from the MLP
 
     @property
@@ -91,12 +95,32 @@ class ProjectionHead(nn.Module):
         """The static branch's input: `input_ids` [B, T] where the span `mask` is set, -1 elsewhere."""
         return torch.where(mask.bool(), input_ids.to(mask.device), -1)
 
-    def static_embedding(self, span_ids: torch.Tensor) -> torch.Tensor:
-        """Mean of the table's rows over each row's ids (-1 = padding), mapped to `output_dim`: [B, output_dim]."""
+    def tie_input_embeddings(self, embeddings: nn.Module) -> None:
+        """Give the static branch the base's input-embedding module (`base.get_input_embeddings()`) to read."""
+        self._input_embeddings = (embeddings,)
+
+    def static_pool(self, span_ids: torch.Tensor) -> torch.Tensor:
+        """The static branch's pooled input: mean over each row's ids (-1 = padding) of the table's rows,
+        followed, with `static_base_embeddings`, by the mean of the base's standardised input embeddings."""
         valid = span_ids >= 0
-        rows = self.static(span_ids.clamp_min(0)) * valid.unsqueeze(-1)
-        mean = rows.sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
-        return F.linear(mean, self.static_out.weight)
+        weights = valid.unsqueeze(-1) / valid.sum(1, keepdim=True).clamp_min(1).unsqueeze(-1)
+        ids = span_ids.clamp_min(0)
+        pooled = (self.static(ids) * weights).sum(1)
+        if not self.config.static_base_embeddings:
+            return pooled
+        if not self._input_embeddings:
+            raise ValueError("this head's static branch reads the base's input embeddings "
+                             "(static_base_embeddings): attach it to its base with get_retrieval_model(), or call "
+                             "head.tie_input_embeddings(base.get_input_embeddings()).")
+        embeddings = self._input_embeddings[0]
+        with torch.no_grad():
+            vectors = embeddings(ids.to(embeddings.weight.device)).to(pooled.device).float()
+        vectors = F.layer_norm(vectors, vectors.shape[-1:])
+        return torch.cat([pooled, (vectors * weights).sum(1)], dim=-1)
+
+    def static_embedding(self, span_ids: torch.Tensor) -> torch.Tensor:
+        """The static branch's output [B, output_dim]: `static_pool` mapped to the teacher's space."""
+        return F.linear(self.static_pool(span_ids), self.static_out.weight)
 
     @property
     def token_level(self) -> bool:

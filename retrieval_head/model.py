@@ -96,6 +96,7 @@ class RetrievalModel(nn.Module, PushToHubMixin):
         self.tokenizer = tokenizer
         self.layer_index = config.resolve_layer(config.base_num_layers)
         self.head = ProjectionHead(config, config.base_hidden_size).to(self._base_device())
+        self.head.tie_input_embeddings(base_model.get_input_embeddings())
         self.train(False)  # inference by default: head in eval mode, as encode() expects
 
     # --- devices and dtypes -------------------------------------------------------------------------

@@ -86,6 +86,7 @@ class RetrievalHeadInput(InputModule):
         states = hidden_states_at(self.auto_model, [self.layer_index], features["input_ids"],
                                   features["attention_mask"])
         features["token_embeddings"] = states[self.layer_index]
+        features["input_embeddings_module"] = self.auto_model.get_input_embeddings()  # a static branch may read it
         return features
 
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
@@ -143,6 +144,9 @@ class RetrievalHeadPooling(Module):
         states = features["token_embeddings"]
         device = next(self.head.parameters()).device
         ids = features.get("input_ids") if self.head.uses_ids else None
+        embeddings = features.pop("input_embeddings_module", None)
+        if embeddings is not None:
+            self.head.tie_input_embeddings(embeddings)
         features["sentence_embedding"] = self.head(states.to(device), features["span_mask"].to(device),
                                                    None if ids is None else ids.to(device))
         return features

@@ -226,3 +226,29 @@ def test_a_static_branch_without_ids_or_vocabulary_is_a_clear_error() -> None:
         ProjectionHead(small_config(static_dim=4), HIDDEN)
     with pytest.raises(ValueError, match="static_dim"):
         small_config(static_dim=-1)
+
+
+def test_a_base_embedding_view_pools_the_bases_own_token_vectors_and_is_never_saved() -> None:
+    states, mask = states_and_mask()
+    ids = torch.randint(0, 50, mask.shape, generator=torch.Generator().manual_seed(0))
+    head = static_head(static_base_embeddings=True)
+    assert head.static_out.weight.shape == (head.config.output_dim, 4 + HIDDEN)
+    with pytest.raises(ValueError, match="tie_input_embeddings"):
+        head(states, mask, ids)
+    embeddings = torch.nn.Embedding(50, HIDDEN)
+    head.tie_input_embeddings(embeddings)
+    pooled = head.static_pool(torch.where(mask.bool(), ids, -1))
+    row = ids[0][mask[0].bool()]
+    vectors = torch.nn.functional.layer_norm(embeddings.weight[row], (HIDDEN,))
+    assert torch.allclose(pooled[0, 4:], vectors.mean(0), atol=1e-5)
+    assert torch.allclose(pooled[0, :4], head.static.weight[row].mean(0), atol=1e-6)
+    assert not any(name.startswith("_input") for name in head.state_dict())  # the base's matrix is not the head's
+    before = head(states, mask, ids)
+    with torch.no_grad():
+        embeddings.weight.mul_(-1)
+    assert not torch.allclose(head(states, mask, ids), before, atol=1e-3)  # it reads the tied module
+
+
+def test_a_base_embedding_view_needs_a_static_branch() -> None:
+    with pytest.raises(ValueError, match="static_dim > 0"):
+        small_config(static_base_embeddings=True)

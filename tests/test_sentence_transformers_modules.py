@@ -113,3 +113,18 @@ def test_other_heads(base_dir: Path, tmp_path: Path, overrides: dict) -> None:
     assert st.similarity_fn_name == overrides.get("teacher", {}).get("similarity_fn_name", "cosine")
     assert_same(st.encode(TEXTS), model.encode(TEXTS))
     assert_same(st.encode(CONVERSATIONS), model.encode(CONVERSATIONS))
+
+
+def test_a_static_branch_over_the_base_embeddings_gives_the_same_vectors(base_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    base, tokenizer = load_base(str(base_dir))
+    config = RetrievalHeadConfig(output_dim=16, inner_dim=32, static_dim=4, static_base_embeddings=True)
+    model = get_retrieval_model(base, config, tokenizer=tokenizer)
+    torch.nn.init.normal_(model.head.static_out.weight, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path)
+    plain = get_retrieval_model(load_base(str(base_dir))[0], RetrievalHeadConfig(output_dim=16, inner_dim=32),
+                                tokenizer=tokenizer)
+    assert np.abs(model.encode(TEXTS[:2]) - plain.encode(TEXTS[:2])).max() > 1e-3  # the branch adds something
+    assert_same(load_sentence_transformer(tmp_path).encode(TEXTS), model.encode(TEXTS))
+    assert_same(RetrievalModel.from_pretrained(tmp_path).encode(CONVERSATIONS), model.encode(CONVERSATIONS))

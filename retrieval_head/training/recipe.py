@@ -61,6 +61,7 @@ class HeadSpec:
     num_attention_heads: int = 8
     dropout: float = 0.1
     static_dim: int = 64  # width of the static (lexical) branch over the span's LM token ids; 0 = none (dev: E33)
+    static_base_embeddings: bool = False  # the branch also pools the base's input embeddings of those ids
     output_dim: int | None = None  # None: the teacher's dim; a set value must equal it
     normalize: bool = True
     query_template: str = "chat"
@@ -118,6 +119,7 @@ class LossSpec:
 class TrainSpec:
     lr: float = 2e-4
     static_lr_scale: float = 1.0  # the static branch's table learns at lr * this (its rows see sparse updates)
+    static_init: str = "random"  # random | lexical: the table starts as the teacher's vectors of the token strings
     weight_decay: float = 0.01
     batch_size: int = 64  # per process
     grad_accum: int = 1
@@ -221,7 +223,8 @@ class Recipe:
         _check(lo.hard_negatives == 0 or lo.gold_positives, "loss.hard_negatives", lo.hard_negatives,
                "0 unless loss.gold_positives is true (negatives are 'teacher-ranked but not gold')")
         _check(t.lr > 0, "train.lr", t.lr, "positive")
-        _check(t.static_lr_scale > 0, "train.static_lr_scale", t.static_lr_scale, "positive")
+        _check(t.static_lr_scale >= 0, "train.static_lr_scale", t.static_lr_scale, ">= 0 (0 = a frozen table)")
+        _check(t.static_init in ("random", "lexical"), "train.static_init", t.static_init, "random or lexical")
         _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
         _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "in [0, 1)")
         _check(t.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision", t.mixed_precision,

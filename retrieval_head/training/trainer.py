@@ -152,6 +152,7 @@ def head_config(recipe: Recipe, fingerprint: TeacherFingerprint, layer: int | No
         layer=h.layer if layer is None else layer, pooling=h.pooling if pooling is None else pooling,
         head_type=h.head_type, inner_dim=h.inner_dim, num_head_layers=h.num_head_layers,
         num_attention_heads=h.num_attention_heads, dropout=h.dropout, static_dim=h.static_dim,
+        static_base_embeddings=h.static_base_embeddings,
         output_dim=check_teacher_dim(recipe, fingerprint),
         normalize=h.normalize, seed=recipe.train.seed, query_template=h.query_template, system_prompt=h.system_prompt,
         max_length=h.max_length, teacher=fingerprint.to_dict(),
@@ -311,6 +312,13 @@ class Trainer:
         train_set = data.examples("train", key, token_level)
         dev_eval = SplitEvaluator(data, "dev", key, token_level) if acc.is_main_process else None
 
+        if t.static_init == "lexical" and self.model.head.static is not None:
+            from .lexical_init import init_static_branch
+
+            rows = list(range(len(train_set)))
+            init_static_branch(self.model.head, self.model.tokenizer, self.teacher, self.fingerprint,
+                               recipe_cache(recipe), train_set.span_ids(rows), train_set.teacher.float(),
+                               show_progress_bar=self.show and acc.is_main_process)
         head = FeatureHead(self.model.head)
         head.train()
         optimizer = torch.optim.AdamW(parameter_groups(head, t.lr, t.static_lr_scale), lr=t.lr,
