@@ -186,6 +186,9 @@ class RetrievalHeadConfig(PretrainedConfig):
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}); re-save the head with save_pretrained().") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a head config object; re-save the head "
+                             "with save_pretrained().")
         if data.get("model_type") != MODEL_TYPE:
             raise ValueError(
                 f"{path} has model_type={data.get('model_type')!r}, expected {MODEL_TYPE!r}: this folder holds "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -51,13 +51,18 @@ def encode(
         raise ValueError(f"output_value={output_value!r} is not supported; a head only gives 'sentence_embedding'.")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; use one of {PRECISIONS}.")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r} ({type(batch_size).__name__}).")
+    if isinstance(inputs, bytes | bytearray):
+        raise TypeError("encode() got bytes; decode them to a string first (e.g. data.decode('utf-8')).")
+    if isinstance(inputs, Mapping):
+        raise TypeError("encode() got a dict; give a string, a conversation (a list of {'role': ..., 'content': ...} "
+                        "messages) or a list of those.")
     single = isinstance(inputs, str) or is_conversation(inputs)
     items = [inputs] if single else list(inputs)
     check_inputs(items)
     if device is not None:
-        model.to(device)
+        model.to(check_device(device))
     text_prompt = _resolve_prompt(model, prompt_name, prompt)
     if truncate_dim is not None and not 0 < truncate_dim <= model.config.output_dim:
         raise ValueError(f"truncate_dim must be in [1, {model.config.output_dim}], got {truncate_dim}.")
@@ -78,6 +83,21 @@ def encode(
     if normalize_embeddings:
         embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
     return _convert(embeddings, single, precision, convert_to_numpy, convert_to_tensor)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a `torch.device`, or a `ValueError` saying why this machine cannot run on it."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device ({err}); use e.g. 'cpu' or 'cuda:0'.") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but this torch sees no CUDA GPU; use device='cpu'.")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                             f"use an index below {torch.cuda.device_count()}.")
+    return resolved
 
 
 def _length(item: EncodeInput) -> int:

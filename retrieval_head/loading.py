@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .defaults import load_base
-from .persistence import HeadFolderError, read_config, read_weights
+from .persistence import HeadFolderError, check_weights, read_config, read_weights
 from .quantization import check_quantize_to
 
 if TYPE_CHECKING:
@@ -25,9 +25,17 @@ def resolve_head_folder(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
         return path
     if path.exists():
         raise HeadFolderError(f"{path} is a file; give the folder written by save_pretrained().")
+    from huggingface_hub.errors import HFValidationError
+
     from .hub import download_head
 
-    return download_head(str(name_or_path), **hub_kwargs)
+    try:
+        return download_head(str(name_or_path), **hub_kwargs)
+    except HFValidationError as err:
+        raise HeadFolderError(
+            f"{str(name_or_path)!r} is no such folder, and not a Hub repo id ('owner/name'): {err}. Give the folder "
+            "written by save_pretrained() or a Hub repo id."
+        ) from err
 
 
 def load_retrieval_model(
@@ -72,12 +80,8 @@ def load_retrieval_model(
     if device is not None:
         base_model.to(device)
     model = cls(base_model, head_config, tokenizer=tokenizer, allow_merged=allow_merged)
-    missing, unexpected = model.head.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise HeadFolderError(
-            f"{folder} has weights that do not fit its config (missing: {missing}, unexpected: {unexpected}); "
-            "the folder was edited or written by another version. Re-save the head."
-        )
+    check_weights(model.head, weights, folder)
+    model.head.load_state_dict(weights)
     if head_config.encode_adapter:
         from .encode_adapter import load_encode_adapter
 

@@ -50,9 +50,18 @@ def write_folder_atomically(target: str | Path, write: Callable[[Path], None]) -
     return target
 
 
+def compact(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor whose every value is exact in float16 (a trained static table: `round_static_table`)
+    as float16, half the bytes and bit-identical once loaded back into the fp32 parameter; else unchanged."""
+    if tensor.dtype != torch.float32 or tensor.numel() < 1 << 16:
+        return tensor
+    half = tensor.half()
+    return half if torch.equal(half.float(), tensor) else tensor
+
+
 def save_head(folder: Path, config: RetrievalHeadConfig, state_dict: dict[str, torch.Tensor]) -> None:
-    """Write `config.json` and the head's weights (contiguous CPU tensors) into `folder`."""
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
+    """Write `config.json` and the head's weights (contiguous CPU tensors, `compact`) into `folder`."""
+    tensors = {name: compact(t.detach().to("cpu").contiguous()) for name, t in state_dict.items()}
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "library": "retrieval-head"})
     (folder / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")
 
@@ -82,6 +91,26 @@ def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
         raise HeadFolderError(
             f"{path} is truncated or corrupted ({err}); restore it or re-save the head with save_pretrained()."
         ) from err
+
+
+def check_weights(head: torch.nn.Module, weights: dict[str, torch.Tensor], folder: str | Path) -> None:
+    """Raise `HeadFolderError` unless `weights` are exactly the head's tensors, in its shapes, all finite."""
+    expected = head.state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise HeadFolderError(
+            f"{folder} has weights that do not fit its config (missing: {missing}, unexpected: {unexpected}); "
+            "the folder was edited or written by another version. Re-save the head."
+        )
+    shapes = [f"{name} is {tuple(weights[name].shape)}, the config needs {tuple(t.shape)}"
+              for name, t in expected.items() if weights[name].shape != t.shape]
+    if shapes:
+        raise HeadFolderError(f"{folder} has weights of the wrong shape ({'; '.join(shapes)}): config.json and "
+                              f"{WEIGHTS_NAME} do not belong together. Re-save the head with save_pretrained().")
+    broken = [name for name, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise HeadFolderError(f"{folder} has weights holding NaN or inf ({', '.join(broken)}): the head would embed "
+                              "NaN. Restore the folder or re-save a head trained without a diverged loss.")
 
 
 def folder_size(folder: str | Path) -> int:

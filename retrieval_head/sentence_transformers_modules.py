@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - sentence-transformers 5.x
 from .config import RetrievalHeadConfig
 from .head import ProjectionHead
 from .layer_states import hidden_states_at
-from .persistence import read_config, read_weights, save_head
+from .persistence import check_weights, read_config, read_weights, save_head
 from .templates import QueryRenderer, check_inputs, context_length
 from .version import __version__
 
@@ -132,12 +132,8 @@ class RetrievalHeadPooling(Module):
         self.config = config
         self.head = ProjectionHead(config, config.base_hidden_size)
         if state_dict is not None:
-            missing, unexpected = self.head.load_state_dict(state_dict, strict=False)
-            if missing or unexpected:
-                raise ValueError(
-                    f"The head weights do not fit its config (missing: {missing}, unexpected: {unexpected}); "
-                    "re-save the head with save_pretrained()."
-                )
+            check_weights(self.head, state_dict, "the head folder")
+            self.head.load_state_dict(state_dict)
         self.head.eval()
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:

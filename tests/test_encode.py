@@ -66,6 +66,15 @@ def test_batches_are_sorted_longest_first(model, monkeypatch) -> None:
 def test_batch_size_must_be_positive(model) -> None:
     with pytest.raises(ValueError, match="batch_size"):
         model.encode(["hi"], batch_size=0)
+    with pytest.raises(ValueError, match=r"positive integer, got '8' \(str\)"):
+        model.encode(["hi"], batch_size="8")
+
+
+@pytest.mark.parametrize(("inputs", "message"), [({}, "got a dict"), (b"hello", "got bytes; decode"),
+                                                 (bytearray(b"hi"), "got bytes")])
+def test_inputs_that_are_not_text_are_a_clear_error(model, inputs, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        model.encode(inputs)
 
 
 def test_show_progress_bar(model, capsys) -> None:
@@ -146,6 +155,19 @@ def test_device(model) -> None:
     out = model.encode(TEXTS[:2], device="cpu", convert_to_tensor=True)
     assert out.device.type == "cpu" and model.device.type == "cpu"
     assert np.allclose(out.numpy(), model.encode(TEXTS[:2]), atol=1e-6)
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error(model, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="sees no CUDA GPU; use device='cpu'"):
+        model.encode(TEXTS[:1], device="cuda:7")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="has 1 CUDA GPU"):
+        model.encode(TEXTS[:1], device="cuda:7")
+    with pytest.raises(ValueError, match="not a torch device"):
+        model.encode(TEXTS[:1], device="gpu-please")
+    assert model.device.type == "cpu"  # nothing moved
 
 
 def test_no_grad_and_mode_restored(model) -> None:

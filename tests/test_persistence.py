@@ -303,3 +303,59 @@ def test_from_pretrained_checks_quantize_head_to_before_loading(tmp_path) -> Non
 
     with pytest.raises(HeadQuantizationError, match="quantize_to='bf16'"):
         RetrievalModel.from_pretrained(tmp_path / "no-such-head", quantize_head_to="bf16")
+
+
+def test_a_table_exact_in_float16_is_stored_in_half_the_bytes_and_loads_back_bit_identical(tmp_path) -> None:
+    model = make_model(static_dim=2048)  # 300 x 2048 rows: a table large enough to compact
+    with torch.no_grad():
+        model.head.static.weight.normal_(0, 0.1)
+        model.head.static_out.weight.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "fp32")
+    with safe_open(str(tmp_path / "fp32" / WEIGHTS_NAME), "pt") as f:
+        assert f.get_slice("static.weight").get_dtype() == "F32"  # not exact in fp16: kept as it is
+    with torch.no_grad():
+        model.head.static.weight.copy_(model.head.static.weight.half().float())
+    model.save_pretrained(tmp_path / "fp16")
+    with safe_open(str(tmp_path / "fp16" / WEIGHTS_NAME), "pt") as f:
+        assert f.get_slice("static.weight").get_dtype() == "F16"
+        assert f.get_slice("static_out.weight").get_dtype() == "F32"
+    size = (tmp_path / "fp16" / WEIGHTS_NAME).stat().st_size
+    assert size < 0.6 * (tmp_path / "fp32" / WEIGHTS_NAME).stat().st_size
+    loaded = RetrievalModel.from_pretrained(tmp_path / "fp16", base_model=model.base_model, tokenizer=model.tokenizer)
+    assert loaded.head.static.weight.dtype == torch.float32
+    assert torch.equal(loaded.head.static.weight, model.head.static.weight)
+    np.testing.assert_array_equal(loaded.encode(TEXTS), model.encode(TEXTS))
+
+
+def test_weights_of_the_wrong_shape_name_the_tensor(tmp_path) -> None:
+    _, folder = saved(tmp_path)
+    data = json.loads((folder / CONFIG_NAME).read_text())
+    data["inner_dim"] = data["inner_dim"] * 2
+    (folder / CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(HeadFolderError, match=r"wrong shape \(project\.0\.weight is"):
+        RetrievalModel.from_pretrained(folder)
+
+
+def test_weights_holding_nan_are_refused_at_load_with_the_tensors_name(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _, folder = saved(tmp_path)
+    weights = load_file(str(folder / WEIGHTS_NAME))
+    name = sorted(weights)[0]
+    weights[name][0] = float("nan")
+    save_file(weights, str(folder / WEIGHTS_NAME))
+    with pytest.raises(HeadFolderError, match=f"NaN or inf \\({name}\\)"):
+        RetrievalModel.from_pretrained(folder)
+
+
+def test_a_config_holding_a_json_list_is_a_clear_error(tmp_path) -> None:
+    _, folder = saved(tmp_path)
+    (folder / CONFIG_NAME).write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a JSON list, not a head config"):
+        RetrievalModel.from_pretrained(folder)
+
+
+def test_a_path_that_is_neither_a_folder_nor_a_hub_id_says_so(tmp_path) -> None:
+    missing = tmp_path / "no" / "such" / "head"
+    with pytest.raises(HeadFolderError, match="no such folder, and not a Hub repo id"):
+        RetrievalModel.from_pretrained(missing)

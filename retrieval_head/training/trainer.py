@@ -513,6 +513,9 @@ class Trainer:
         if best.is_dir():
             self.model.head.load_state_dict(read_weights(best))
         head = self.model.head.float().eval()
+        if head.static is not None:  # the shipped table is stored in float16: evaluate what is saved
+            with torch.no_grad():
+                head.static.weight.copy_(head.static.weight.half().float())
         test_eval = SplitEvaluator(data, "test", key, token_level)
         device = next(head.parameters()).device
         test = test_eval.evaluate(lambda f, m, ids: head.project_features(*_on(device, f, m, ids)))
