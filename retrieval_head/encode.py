@@ -49,6 +49,7 @@ def encode(
         raise TypeError(f"encode() got unexpected keyword arguments: {', '.join(sorted(kwargs))}.")
     if output_value != "sentence_embedding":
         raise ValueError(f"output_value={output_value!r} is not supported; a head only gives 'sentence_embedding'.")
+    precision = precision or "float32"  # sentence-transformers' evaluators pass None
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; use one of {PRECISIONS}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size <= 0:

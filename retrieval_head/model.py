@@ -181,25 +181,54 @@ class RetrievalModel(nn.Module, PushToHubMixin):
 
     def encode_query(self, inputs: EncodeInput | Sequence[EncodeInput], **kwargs: Any) -> np.ndarray | torch.Tensor:
         """`encode` with the `query` prompt, as in sentence-transformers."""
-        if "query" in (self.config.prompts or {}) and "prompt" not in kwargs:
-            kwargs.setdefault("prompt_name", "query")
+        if "query" in (self.config.prompts or {}) and kwargs.get("prompt") is None \
+                and kwargs.get("prompt_name") is None:  # None = not given, as sentence-transformers' evaluators pass
+            kwargs["prompt_name"] = "query"
         return self.encode(inputs, **kwargs)
 
     def encode_document(
         self, inputs: EncodeInput | Sequence[EncodeInput], **kwargs: Any
     ) -> np.ndarray | torch.Tensor:
         """`encode` with the `document` prompt. Documents are usually embedded by the teacher instead."""
-        if "document" in (self.config.prompts or {}) and "prompt" not in kwargs:
-            kwargs.setdefault("prompt_name", "document")
+        if "document" in (self.config.prompts or {}) and kwargs.get("prompt") is None \
+                and kwargs.get("prompt_name") is None:  # None = not given, as sentence-transformers' evaluators pass
+            kwargs["prompt_name"] = "document"
         return self.encode(inputs, **kwargs)
 
     def get_sentence_embedding_dimension(self) -> int:
         return self.config.output_dim
 
+    @property
+    def similarity_fn_name(self) -> str:
+        """The teacher's similarity function ("cosine", "dot", ...): sentence-transformers' evaluators read it."""
+        return (self.config.teacher or {}).get("similarity_fn_name") or "cosine"
+
+    @property
+    def max_seq_length(self) -> int:
+        """Tokens read per input (`config.max_length`; history is cut from the left)."""
+        return self.config.max_length
+
+    def get_max_seq_length(self) -> int:
+        return self.max_seq_length
+
+    @property
+    def model_card_data(self) -> EvaluationLog:
+        """Where sentence-transformers' evaluators store their metrics (`eval_results_dict`)."""
+        if "_model_card_data" not in self.__dict__:
+            self.__dict__["_model_card_data"] = EvaluationLog()
+        return self.__dict__["_model_card_data"]
+
     def similarity(self, a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Cosine similarity matrix, the teacher's similarity function for the heads we train."""
-        a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
-        return nn.functional.normalize(a, dim=-1) @ nn.functional.normalize(b, dim=-1).T
+        """Similarity matrix under the teacher's function (`similarity_fn_name`), as SentenceTransformer's."""
+        from sentence_transformers import SimilarityFunction
+
+        return SimilarityFunction.to_similarity_fn(self.similarity_fn_name)(_float(a), _float(b))
+
+    def similarity_pairwise(self, a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Row-by-row similarity under the teacher's function, as `SentenceTransformer.similarity_pairwise`."""
+        from sentence_transformers import SimilarityFunction
+
+        return SimilarityFunction.to_similarity_pairwise_fn(self.similarity_fn_name)(_float(a), _float(b))
 
     # --- generation is the base's -------------------------------------------------------------------
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -264,6 +293,21 @@ class RetrievalModel(nn.Module, PushToHubMixin):
 
     def num_head_parameters(self) -> int:
         return sum(p.numel() for p in self.head.parameters())
+
+
+def _float(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.float32)
+
+
+class EvaluationLog:
+    """The part of sentence-transformers' model-card data its evaluators write to: metrics per evaluator."""
+
+    def __init__(self) -> None:
+        self.eval_results_dict: dict[Any, dict[str, Any]] = {}
+        self.training_logs: list[dict[str, Any]] = []
+
+    def set_evaluation_metrics(self, evaluator: Any, metrics: dict[str, Any], epoch: int = 0, step: int = 0) -> None:
+        self.eval_results_dict[evaluator] = dict(metrics)
 
 
 def get_retrieval_model(

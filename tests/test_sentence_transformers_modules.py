@@ -128,3 +128,51 @@ def test_a_static_branch_over_the_base_embeddings_gives_the_same_vectors(base_di
     assert np.abs(model.encode(TEXTS[:2]) - plain.encode(TEXTS[:2])).max() > 1e-3  # the branch adds something
     assert_same(load_sentence_transformer(tmp_path).encode(TEXTS), model.encode(TEXTS))
     assert_same(RetrievalModel.from_pretrained(tmp_path).encode(CONVERSATIONS), model.encode(CONVERSATIONS))
+
+
+def st_evaluators(model: RetrievalModel) -> list:
+    from sentence_transformers.sentence_transformer import evaluation as ev
+
+    queries = {"q1": "where can I park my car", "q2": "is breakfast included", "q3": "vegetarian food"}
+    corpus = {"d1": "parking near the hotel", "d2": "breakfast is included in the price",
+              "d3": "the capital of France", "d4": "the restaurant serves vegetarian food"}
+    relevant = {"q1": {"d1"}, "q2": {"d2"}, "q3": {"d4"}}
+    pairs = (["a hotel", "pets allowed", "free parking", "a bar"], ["the hotel", "no pets", "parking", "food"])
+    return [
+        ev.InformationRetrievalEvaluator(queries, corpus, relevant, name="ir"),
+        ev.EmbeddingSimilarityEvaluator(*pairs, [0.9, 0.2, 0.8, 0.1]),
+        ev.TripletEvaluator(pairs[0], pairs[1], ["France", "Paris", "a car", "hotel"]),
+        ev.ParaphraseMiningEvaluator({"1": "a hotel", "2": "the hotel", "3": "vegetarian food"}, [("1", "2")]),
+        ev.RerankingEvaluator([{"query": "a hotel", "positive": ["the hotel"], "negative": ["France", "pets"]}]),
+        ev.BinaryClassificationEvaluator(*pairs, [1, 0, 1, 0]),
+        ev.MSEEvaluator(pairs[0], pairs[0], teacher_model=model),
+    ]
+
+
+def test_sentence_transformers_evaluators_run_on_the_model_and_its_st_form_alike(saved) -> None:
+    model, folder = saved
+    st = load_sentence_transformer(folder)
+    assert model.similarity_fn_name == st.similarity_fn_name == "cosine"
+    assert model.get_max_seq_length() == model.max_seq_length == model.config.max_length
+    for evaluator in st_evaluators(model):
+        ours, theirs = evaluator(model), evaluator(st)
+        assert ours.keys() == theirs.keys() and ours, type(evaluator).__name__
+        for key, value in ours.items():
+            assert abs(value - theirs[key]) < 1e-4, (type(evaluator).__name__, key)
+        assert evaluator in model.model_card_data.eval_results_dict
+    assert model.encode(TEXTS[:2], precision=None).dtype == np.float32
+
+
+def test_similarity_follows_the_teachers_function(base_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from sentence_transformers import util
+
+    teacher = {"teacher_id": "t", "revision": None, "dim": 16, "similarity_fn_name": "dot", "normalized": False,
+               "probe_checksum": "c"}
+    model = make_head(base_dir, tmp_path, normalize=False, teacher=teacher)
+    a, b = model.encode(TEXTS[:2], convert_to_tensor=True), model.encode(TEXTS[1:], convert_to_tensor=True)
+    assert model.similarity_fn_name == "dot"
+    assert torch.allclose(model.similarity(a, b), util.dot_score(a, b), atol=1e-5)
+    assert torch.allclose(model.similarity_pairwise(a, b[:2]), (a * b[:2]).sum(-1), atol=1e-5)
+    hits = util.semantic_search(a, b, top_k=2, score_function=util.dot_score)
+    assert [h["corpus_id"] for h in hits[0]] == model.similarity(a[:1], b)[0].argsort(descending=True)[:2].tolist()
