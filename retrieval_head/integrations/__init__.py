@@ -1,0 +1,1 @@
+"""Drop-in adapters for the tools agents already use (optional extras: `pip install retrieval-head[langchain]`)."""
