@@ -30,17 +30,18 @@ def token_strings(tokenizer: Any, vocab_size: int) -> list[str]:
 
 
 def lexical_rows(teacher_rows: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
-    """[V, dim] table: the teacher's token vectors, centred, on their top-`dim` principal components."""
-    if dim > teacher_rows.shape[1]:
-        raise ValueError(f"static_dim {dim} exceeds the teacher's {teacher_rows.shape[1]} dims")
+    """[V, dim] table: the teacher's token vectors, centred, on their top-`dim` principal components (a table
+    wider than the teacher gets every component, then small random columns, as a random start would)."""
     centred = teacher_rows.float() - teacher_rows.float().mean(0)
+    kept = min(dim, centred.shape[1])
     rng = torch.random.get_rng_state()
     torch.manual_seed(seed)  # pca_lowrank draws a random sketch: keep the table reproducible
     try:
-        _, _, components = torch.pca_lowrank(centred, q=min(dim + 8, centred.shape[1]), center=False, niter=4)
+        _, _, components = torch.pca_lowrank(centred, q=min(kept + 8, centred.shape[1]), center=False, niter=4)
+        extra = torch.randn(centred.shape[0], dim - kept) * 0.02
     finally:
         torch.random.set_rng_state(rng)
-    return centred @ components[:, :dim]
+    return torch.cat([centred @ components[:, :kept], extra], dim=1)
 
 
 def fit_output_map(pooled: torch.Tensor, targets: torch.Tensor, ridge: float = 1.0) -> torch.Tensor:

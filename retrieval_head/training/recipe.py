@@ -60,7 +60,7 @@ class HeadSpec:
     num_head_layers: int = 1
     num_attention_heads: int = 8
     dropout: float = 0.1
-    static_dim: int = 64  # width of the static (lexical) branch over the span's LM token ids; 0 = none (dev: E33)
+    static_dim: int = 256  # width of the static (lexical) branch over the span's LM token ids; 0 = none (dev: E38)
     static_base_embeddings: bool = False  # the branch also pools the base's input embeddings of those ids
     output_dim: int | None = None  # None: the teacher's dim; a set value must equal it
     normalize: bool = True
@@ -119,7 +119,7 @@ class LossSpec:
 class TrainSpec:
     lr: float = 2e-4
     static_lr_scale: float = 1.0  # the static branch's table learns at lr * this (its rows see sparse updates)
-    static_init: str = "random"  # random | lexical: the table starts as the teacher's vectors of the token strings
+    static_init: str = "lexical"  # random | lexical: the table starts as the teacher's vectors of the token strings
     weight_decay: float = 0.01
     batch_size: int = 64  # per process
     grad_accum: int = 1
