@@ -31,7 +31,9 @@ def tiny_pair() -> tuple:
     return make_model(output_dim=16, teacher=fingerprint.to_dict()), teacher
 
 
-class TestRetrievalHeadEmbeddingsUnit(EmbeddingsUnitTests):
+class TinyPairParams:
+    """What both standard suites build: our class on the tiny head and its fake teacher."""
+
     @property
     def embeddings_class(self) -> type[RetrievalHeadEmbeddings]:
         return RetrievalHeadEmbeddings
@@ -42,15 +44,12 @@ class TestRetrievalHeadEmbeddingsUnit(EmbeddingsUnitTests):
         return {"head": head, "teacher": teacher}
 
 
-class TestRetrievalHeadEmbeddingsIntegration(EmbeddingsIntegrationTests):
-    @property
-    def embeddings_class(self) -> type[RetrievalHeadEmbeddings]:
-        return RetrievalHeadEmbeddings
+class TestRetrievalHeadEmbeddingsUnit(TinyPairParams, EmbeddingsUnitTests):
+    pass
 
-    @property
-    def embedding_model_params(self) -> dict:
-        head, teacher = tiny_pair()
-        return {"head": head, "teacher": teacher}
+
+class TestRetrievalHeadEmbeddingsIntegration(TinyPairParams, EmbeddingsIntegrationTests):
+    pass
 
 
 def test_documents_come_from_the_teacher_and_queries_from_the_head() -> None:
