@@ -56,8 +56,12 @@ def load_retrieval_model(
     CPU (`RetrievalModel.quantize_head`); checked before anything loads.
     """
     hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
-    for ignored in ("trust_remote_code", "_from_auto", "_from_pipeline", "adapter_kwargs"):
-        kwargs.pop(ignored, None)
+    for ignored in ("trust_remote_code", "_from_auto", "_from_pipeline", "adapter_kwargs", "proxies"):
+        kwargs.pop(ignored, None)  # what transformers' Auto classes pass along (5.25 adds proxies / subfolder)
+    subfolder = kwargs.pop("subfolder", None)
+    if subfolder:
+        raise ValueError(f"subfolder={subfolder!r} is not supported: a head folder holds its files at its root; "
+                         "give the path (or Hub id) of that folder itself.")
     if kwargs:
         raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(sorted(kwargs))}.")
     if quantize_head_to is not None:

@@ -68,3 +68,11 @@ def test_auto_config_drops_keys_from_a_newer_version_with_a_warning(head_folder,
         config = AutoConfig.from_pretrained(folder)
     assert isinstance(config, RetrievalHeadConfig) and not hasattr(config, "future_option")
     assert "future_option" in caplog.text
+
+
+def test_what_newer_auto_classes_pass_along_is_taken_and_a_subfolder_is_a_clear_error(head_folder) -> None:
+    model, folder = head_folder
+    again = RetrievalModel.from_pretrained(folder, proxies=None, subfolder="")
+    assert (again.encode(["hi"]) == model.encode(["hi"])).all()
+    with pytest.raises(ValueError, match="subfolder='x' is not supported"):
+        RetrievalModel.from_pretrained(folder, subfolder="x")

@@ -97,7 +97,9 @@ def test_a_frozen_table_keeps_its_lexical_start(tmp_path):
     teacher = FakeTeacher()
     fingerprint = TeacherFingerprint.from_sentence_transformer(teacher, teacher_id="fake/teacher")
     rows = teacher_token_rows(teacher, tiny_tokenizer(chat=True), 300, fingerprint, None, show_progress_bar=False)
-    assert torch.allclose(saved["static.weight"], lexical_rows(rows, 4), atol=1e-5)
+    # the saved table is rounded through float16 (stored as such): equal to the start up to that rounding
+    assert torch.allclose(saved["static.weight"].float(), lexical_rows(rows, 4), atol=2e-3)
+    assert not torch.equal(saved["static.weight"].float(), torch.zeros(300, 4))
 
 
 def test_a_lexical_start_with_the_base_embedding_view_fits_its_map_over_both(tmp_path):
