@@ -86,7 +86,8 @@ class RetrievalHeadInput(InputModule):
         states = hidden_states_at(self.auto_model, [self.layer_index], features["input_ids"],
                                   features["attention_mask"])
         features["token_embeddings"] = states[self.layer_index]
-        features["input_embeddings_module"] = self.auto_model.get_input_embeddings()  # a static branch may read it
+        if self.config.static_base_embeddings:  # the head's static branch reads the base's input embeddings
+            features["input_embeddings_module"] = self.auto_model.get_input_embeddings()
         return features
 
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:

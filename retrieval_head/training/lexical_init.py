@@ -18,6 +18,7 @@ import torch
 
 from ..cache import TensorCache
 from ..fingerprint import TeacherFingerprint
+from .probe import ridge_fit
 from .teacher_cache import teacher_embeddings
 
 logger = logging.getLogger(__name__)
@@ -46,9 +47,7 @@ def lexical_rows(teacher_rows: torch.Tensor, dim: int, seed: int = 0) -> torch.T
 
 def fit_output_map(pooled: torch.Tensor, targets: torch.Tensor, ridge: float = 1.0) -> torch.Tensor:
     """[D, dim] weight (no bias, as the branch's map has none) minimising ||pooled W^T - targets||^2 + ridge ||W||^2."""
-    x = pooled.double()
-    gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64)
-    return torch.linalg.solve(gram, x.T @ targets.double()).T.float()
+    return ridge_fit(pooled, targets, ridge, bias=False).T.contiguous()
 
 
 def teacher_token_rows(teacher: Any, tokenizer: Any, vocab_size: int, fingerprint: TeacherFingerprint,

@@ -20,9 +20,12 @@ from .evaluation import SplitEvaluator
 logger = logging.getLogger(__name__)
 
 
-def ridge_fit(features: torch.Tensor, targets: torch.Tensor, ridge: float = 1.0) -> torch.Tensor:
-    """[H + 1, D] weights (last row = bias) minimising ||[X 1] W - T||^2 + ridge * ||W||^2, in float64."""
-    x = torch.cat([features.double(), torch.ones(features.shape[0], 1, dtype=torch.float64)], dim=1)
+def ridge_fit(features: torch.Tensor, targets: torch.Tensor, ridge: float = 1.0, bias: bool = True) -> torch.Tensor:
+    """[H + 1, D] weights (last row = bias; [H, D] with `bias=False`) minimising ||[X 1] W - T||^2 + ridge * ||W||^2,
+    in float64."""
+    x = features.double()
+    if bias:
+        x = torch.cat([x, torch.ones(features.shape[0], 1, dtype=torch.float64)], dim=1)
     gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64)
     return torch.linalg.solve(gram, x.T @ targets.double()).float()
 

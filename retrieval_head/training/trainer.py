@@ -312,7 +312,8 @@ class Trainer:
         train_set = data.examples("train", key, token_level)
         dev_eval = SplitEvaluator(data, "dev", key, token_level) if acc.is_main_process else None
 
-        if t.static_init == "lexical" and self.model.head.static is not None:
+        resuming = self.resume and self.latest_checkpoint() is not None  # the checkpoint holds the table
+        if t.static_init == "lexical" and self.model.head.static is not None and not resuming:
             from .lexical_init import init_static_branch
 
             rows = list(range(len(train_set)))
