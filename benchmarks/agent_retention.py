@@ -144,9 +144,9 @@ def main() -> None:
     spec = resolve_head(args.head)
     from retrieval_head.agent import NativeRetriever
     from retrieval_head.commands.eval import load_or_build_index, sample_queries
-    from retrieval_head.data import load_dataset_folder
     from retrieval_head.evaluation.compare import check_teacher, split_settings, teacher_texts
     from retrieval_head.evaluation.metrics import retention
+    from retrieval_head.retrieval.data import load_dataset_folder
 
     model, teacher, description = load_model_and_teacher(spec)
     model.eval()

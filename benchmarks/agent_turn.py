@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from common import UNTRAINED, machine_info, resolve_head
 
-from retrieval_head.quantization import QUANTIZE_TO
+from retrieval_head.core.quantization import QUANTIZE_TO
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[1] / "data" / "dstc11_track5_val_reviewdoc"
@@ -36,10 +36,10 @@ def median_ms(values: list[float]) -> float:
 def build(args: argparse.Namespace):
     from retrieval_head import RetrievalHeadConfig, RetrievalModel, get_retrieval_model
     from retrieval_head.agent import NativeRetriever
-    from retrieval_head.data import load_dataset_folder
-    from retrieval_head.defaults import AGENT_ID, load_agent, load_teacher
-    from retrieval_head.fingerprint import TeacherFingerprint
-    from retrieval_head.index import DocumentIndex
+    from retrieval_head.io.embedded import AGENT_ID, load_agent, load_teacher
+    from retrieval_head.retrieval.data import load_dataset_folder
+    from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+    from retrieval_head.retrieval.index import DocumentIndex
 
     teacher = load_teacher()
     fingerprint = TeacherFingerprint.from_sentence_transformer(teacher)

@@ -71,8 +71,8 @@ def main() -> int:
     parser.add_argument("--quality", default="quality", help="Name of the quality result (default: %(default)s).")
     parser.add_argument("--latency", default="latency", help="Name of the latency result (default: %(default)s).")
     args = parser.parse_args()
-    from retrieval_head.config import RetrievalHeadConfig
-    from retrieval_head.modelcard import CARD_NAME, write_card
+    from retrieval_head.core.config import RetrievalHeadConfig
+    from retrieval_head.io.modelcard import CARD_NAME, write_card
 
     head, results = Path(args.head), Path(args.results)
     quality, latency = (load_result(results, "quality", args.quality, head),

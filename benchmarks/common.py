@@ -122,9 +122,9 @@ def load_model_and_teacher(spec: str, layer: int = 20, head_type: str = "mlp", d
                            load_teacher: bool = True) -> tuple[Any, Any, str]:
     """(RetrievalModel, teacher or None, description). 'untrained' attaches a fresh head to the embedded agent."""
     from retrieval_head import RetrievalHeadConfig, RetrievalModel, get_retrieval_model
-    from retrieval_head.defaults import AGENT_ID, load_agent, load_teacher_by_id
-    from retrieval_head.defaults import load_teacher as load_embedded_teacher
-    from retrieval_head.fingerprint import TeacherFingerprint
+    from retrieval_head.io.embedded import AGENT_ID, load_agent, load_teacher_by_id
+    from retrieval_head.io.embedded import load_teacher as load_embedded_teacher
+    from retrieval_head.retrieval.fingerprint import TeacherFingerprint
 
     if spec == UNTRAINED:
         teacher = load_embedded_teacher(device)

@@ -36,7 +36,7 @@ METRICS = ("ndcg@10", "recall@10", "mrr@10")
 
 def fresh_model(fingerprint: Any, layer: int, seed: int) -> Any:
     from retrieval_head import RetrievalHeadConfig, get_retrieval_model
-    from retrieval_head.defaults import AGENT_ID, load_agent
+    from retrieval_head.io.embedded import AGENT_ID, load_agent
 
     base, tokenizer = load_agent()
     config = RetrievalHeadConfig(base_model_name_or_path=AGENT_ID, layer=layer, output_dim=fingerprint.dim,
@@ -62,7 +62,7 @@ def train_head_only(model: Any, features: torch.Tensor, targets: torch.Tensor, s
     """The `train_encode_adapter` loop without the LoRA (same loss, optimizer, schedule, batch order)."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from retrieval_head.losses import DistillationLoss
+    from retrieval_head.training.losses import DistillationLoss
 
     loss_fn = DistillationLoss({"alignment": 1.0, "contrastive": 0.1, "rank": 0.0})
     torch.manual_seed(seed)
@@ -120,14 +120,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from retrieval_head.cache import TensorCache
-    from retrieval_head.data import load_dataset_folder
-    from retrieval_head.defaults import load_teacher
-    from retrieval_head.fingerprint import TeacherFingerprint
-    from retrieval_head.index import DocumentIndex
+    from retrieval_head.io.embedded import load_teacher
+    from retrieval_head.io.tensor_cache import TensorCache
+    from retrieval_head.retrieval.data import load_dataset_folder
+    from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+    from retrieval_head.retrieval.index import DocumentIndex
+    from retrieval_head.retrieval.teacher import teacher_embeddings, teacher_max_tokens, teacher_query_text
+    from retrieval_head.training.adapter_distillation import train_encode_adapter
     from retrieval_head.training.datasets import lm_input
-    from retrieval_head.training.encode_adapter import train_encode_adapter
-    from retrieval_head.training.teacher_cache import teacher_embeddings, teacher_max_tokens, teacher_query_text
 
     started = time.perf_counter()
     info = machine_info()

@@ -2,7 +2,7 @@
 
 *Before* is what the package did until session 6: every decoder block and a vocabulary-sized logit row per
 token (`output_hidden_states=True` on the causal LM), for a head that reads one layer. *After* is
-`retrieval_head.layer_states.hidden_states_at`: the inner model runs up to the deepest layer asked for and
+`retrieval_head.core.layer_states.hidden_states_at`: the inner model runs up to the deepest layer asked for and
 stops, no logits. Both reuse the shared prompt prefix's KV cache and batch texts sorted by length (16 a batch),
 so the difference is only what is computed. Also measured: the same extraction under `torch.autocast(bfloat16)`
 (tokens/s and the cosine of its pooled features to fp32), and `encode()` on new text at batch 1 and 32.
@@ -38,7 +38,7 @@ from common import (
 def sample_inputs(texts: int, dialogues: int, seed: int = 0) -> list[list[Any]]:
     """Two groups, each extracted in its own call as training does per source: corpus sentences of SciFact and
     COVID-QA (they share the chat template's prefix, run once), and DSTC11 dialogues (cut from the left)."""
-    from retrieval_head.data import load_dataset_folder
+    from retrieval_head.retrieval.data import load_dataset_folder
     from retrieval_head.training.datasets import corpus_sentences, lm_input
 
     sentences: list[Any] = []
@@ -51,8 +51,8 @@ def sample_inputs(texts: int, dialogues: int, seed: int = 0) -> list[list[Any]]:
 
 def full_pass_features(model: Any, items: list[Any], batch_size: int = 16) -> torch.Tensor:
     """Before: mean-pooled standardised states of the head's layer from a full causal-LM pass (with logits)."""
-    from retrieval_head.features import _shared_prefix
-    from retrieval_head.kv_cache import cache_kwarg
+    from retrieval_head.core.kv_cache import cache_kwarg
+    from retrieval_head.training.features import _shared_prefix
 
     rendered = [model.renderer.render(item) for item in items]
     prefix, rendered = _shared_prefix(model, rendered)
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="Rounds that visit every path in turn.")
     args = parser.parse_args()
     set_threads(args.threads)
-    from retrieval_head.features import extract_features
+    from retrieval_head.training.features import extract_features
 
     model, _, description = load_model_and_teacher(resolve_head(args.head), layer=24, load_teacher=False)
     model.eval()

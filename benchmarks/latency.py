@@ -89,7 +89,7 @@ def time_interleaved(fns: dict[str, Callable[[int], Any]], runs: int, warmup: in
 
 
 def query_texts(data: Path, n: int) -> list[str]:
-    from retrieval_head.data import load_dataset_folder
+    from retrieval_head.retrieval.data import load_dataset_folder
 
     texts = [q.text for q in load_dataset_folder(data).queries]
     return texts[:n]

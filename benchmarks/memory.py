@@ -75,7 +75,7 @@ def child(mode: str, head: str, data: str, queries: int, batch_size: int) -> dic
     import transformers  # noqa: F401
 
     import retrieval_head  # noqa: F401
-    from retrieval_head.data import load_dataset_folder
+    from retrieval_head.retrieval.data import load_dataset_folder
 
     texts = [q.text for q in load_dataset_folder(data).queries[:queries]]
     out: dict[str, Any] = {"mode": mode, "start_rss": start_rss, "libraries_rss": rss()}
@@ -87,7 +87,7 @@ def child(mode: str, head: str, data: str, queries: int, batch_size: int) -> dic
         out["head_parameters"] = model.num_head_parameters()
         out["base_parameters"] = sum(p.numel() for p in model.base_model.parameters())
     if mode in ("head+teacher", "teacher"):
-        from retrieval_head.defaults import TEACHER_ID, load_teacher_by_id
+        from retrieval_head.io.embedded import TEACHER_ID, load_teacher_by_id
 
         info = (model.config.teacher or {}) if model is not None else {}
         teacher = load_teacher_by_id(info.get("teacher_id", TEACHER_ID), info.get("revision"))
@@ -185,7 +185,7 @@ def main() -> None:
             save_untrained(folder, args.layer, args.head_type)
             description = f"untrained {args.head_type} head at layer {args.layer}"
         elif not folder.is_dir():
-            from retrieval_head.loading import resolve_head_folder
+            from retrieval_head.io.load import resolve_head_folder
 
             folder = resolve_head_folder(spec)
         sizes = folder_size(folder)

@@ -55,7 +55,7 @@ PLOT_SIDES = ("teacher", "head", "static", "bm25")
 
 def shrink_corpus(dataset: Any, max_docs: int) -> Any:
     """Smoke runs only: the evaluated queries' relevant documents plus the first others, up to `max_docs`."""
-    from retrieval_head.data import RetrievalDataset
+    from retrieval_head.retrieval.data import RetrievalDataset
 
     keep = {d for docs in dataset.relevant_docs().values() for d in docs}
     for doc_id in dataset.doc_ids:
@@ -68,7 +68,7 @@ def shrink_corpus(dataset: Any, max_docs: int) -> Any:
 
 def embedding_cache(folder: str) -> Any:
     """The teacher embedding cache: `folder` (read and written) over the shipped one (read only); None for ''."""
-    from retrieval_head.cache import LayeredCache
+    from retrieval_head.io.tensor_cache import LayeredCache
 
     return LayeredCache(folder, [DATA / "teacher-embeddings"]) if folder else None
 
@@ -76,8 +76,8 @@ def embedding_cache(folder: str) -> Any:
 def load_static_peer(teacher: Any, fingerprint: Any, folder: str) -> tuple[Any, float]:
     """(the static peer distilled from `teacher`, seconds it took): read from the `folder` cache when the same
     teacher was distilled before ('' = never cache)."""
-    from retrieval_head.cache import TensorCache
     from retrieval_head.evaluation.peers import StaticPeer
+    from retrieval_head.io.tensor_cache import TensorCache
 
     start = time.perf_counter()
     with torch.inference_mode():
@@ -128,8 +128,8 @@ def evaluate_peers(test: Any, teacher: Any, static: Any, report: dict, latency_q
 def evaluate_dataset(name: str, model: Any, teacher: Any, fingerprint: Any, args: argparse.Namespace,
                      static: Any = None) -> dict:
     from retrieval_head.commands.eval import load_or_build_index, sample_queries
-    from retrieval_head.data import load_dataset_folder
     from retrieval_head.evaluation.compare import compare_head_and_teacher, held_out
+    from retrieval_head.retrieval.data import load_dataset_folder
 
     dataset = load_dataset_folder(Path(args.data_root) / name)
     test = sample_queries(held_out(dataset, model), args.max_queries)

@@ -74,10 +74,10 @@ def project(model: Any, features: tuple[torch.Tensor, torch.Tensor | None], dtyp
 
 def evaluate_dataset(name: str, model: Any, teacher: Any, fingerprint: Any, args: argparse.Namespace) -> dict:
     from retrieval_head.commands.eval import load_or_build_index, sample_queries
-    from retrieval_head.data import load_dataset_folder
     from retrieval_head.evaluation.compare import compare_head_and_teacher, head_inputs, held_out
     from retrieval_head.evaluation.evaluator import RetrievalEvaluator
     from retrieval_head.evaluation.metrics import topk_overlap
+    from retrieval_head.retrieval.data import load_dataset_folder
 
     dataset = load_dataset_folder(Path(args.data_root) / name)
     test = sample_queries(held_out(dataset, model), args.max_queries)

@@ -2,7 +2,7 @@
 
 Both modes train the same head (cosine alignment to the teacher's query embeddings, AdamW) on the same sample of
 train-split queries, with the teacher's embeddings computed once beforehand (they are cached in training too):
-- without the cache, every step runs the frozen LM over the batch (`retrieval_head.features.extract_features`,
+- without the cache, every step runs the frozen LM over the batch (`retrieval_head.training.features.extract_features`,
   shared-prefix KV reuse included) and then the head (`project_features`);
 - with the cache, the LM features are extracted once (timed separately: the one-off cost), then every epoch only
   runs `project_features` over the cached tensors.
@@ -37,7 +37,7 @@ from common import (
 
 def sample(data: Path, n: int, seed: int = 0) -> tuple[list[Any], list[Any]]:
     """(LM inputs, queries) of `n` train-split queries of the default split (as training reads them)."""
-    from retrieval_head.data import load_dataset_folder
+    from retrieval_head.retrieval.data import load_dataset_folder
     from retrieval_head.training.datasets import lm_input
 
     train = load_dataset_folder(data).split().train
@@ -55,7 +55,7 @@ def feature_args(model: Any) -> dict[str, Any]:
 
 def head_input(model: Any, features: dict[str, torch.Tensor], rows: list[int]) -> tuple[torch.Tensor, Any]:
     """(features, mask) of `rows` from `extract_features` output: pooled vectors, or padded span tokens."""
-    from retrieval_head.features import feature_key
+    from retrieval_head.training.features import feature_key
 
     layer = model.layer_index
     if not model.head.token_level:
@@ -79,7 +79,7 @@ def span_ids(features: dict[str, torch.Tensor], rows: list[int]) -> torch.Tensor
 def train_epoch(model: Any, head: Any, optimizer: Any, items: list[Any], targets: torch.Tensor, batch_size: int,
                 cached: dict[str, torch.Tensor] | None, seed: int) -> tuple[float, float]:
     """One epoch (shuffled batches); returns (seconds, mean loss). Without `cached`, the LM runs every step."""
-    from retrieval_head.features import extract_features
+    from retrieval_head.training.features import extract_features
 
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
@@ -106,7 +106,7 @@ def train_epoch(model: Any, head: Any, optimizer: Any, items: list[Any], targets
 
 def run_mode(model: Any, items: list[Any], targets: torch.Tensor, args: argparse.Namespace,
              use_cache: bool) -> dict[str, Any]:
-    from retrieval_head.features import extract_features
+    from retrieval_head.training.features import extract_features
 
     head = copy.deepcopy(model.head)  # both modes start from the same weights
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr)

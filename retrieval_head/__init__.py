@@ -3,22 +3,24 @@
 from importlib import import_module
 from typing import Any
 
-from .auto import register_auto_classes
-from .config import RetrievalHeadConfig
-from .head import ProjectionHead
-from .model import BaseMismatchError, RetrievalModel, get_retrieval_model
-from .persistence import HeadFolderError
-from .quantization import HeadQuantizationError
-from .version import __version__
+from retrieval_head import _moved
+from retrieval_head.core.base import BaseMismatchError
+from retrieval_head.core.config import HeadFolderError, RetrievalHeadConfig
+from retrieval_head.core.head import ProjectionHead
+from retrieval_head.core.model import RetrievalModel, get_retrieval_model
+from retrieval_head.core.quantization import HeadQuantizationError
+from retrieval_head.io.auto import register_auto_classes
+from retrieval_head.version import __version__
 
 register_auto_classes()
+_moved.install()
 
 # Heavier parts (faiss, sentence-transformers) load on first use, not at `import retrieval_head`.
 _LAZY = {
-    "DocumentIndex": ".index",
+    "DocumentIndex": ".retrieval.index",
     "NativeRetriever": ".agent",
-    "TeacherFingerprint": ".fingerprint",
-    "load_sentence_transformer": ".sentence_transformers_modules",
+    "TeacherFingerprint": ".retrieval.fingerprint",
+    "load_sentence_transformer": ".io.sentence_transformers_modules",
 }
 
 

@@ -7,7 +7,7 @@ import importlib
 import pkgutil
 from collections.abc import Sequence
 
-from . import commands
+from retrieval_head import commands
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def load_recipe_with_overrides(path: str, overrides: Sequence[str]):
     import yaml
 
-    from .training.recipe import Recipe, RecipeError
+    from retrieval_head.training.recipe import Recipe, RecipeError
 
     recipe = Recipe.load(path)
     if not overrides:
@@ -45,8 +45,9 @@ def load_recipe_with_overrides(path: str, overrides: Sequence[str]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .training.recipe import RecipeError
-    from .training.trainer import TeacherDimError, TrainingStopped, train
+    from retrieval_head.training.recipe import RecipeError
+    from retrieval_head.training.setup import TeacherDimError
+    from retrieval_head.training.trainer import TrainingStopped, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if result.test is not None:
-        from .training.evaluation import format_report
+        from retrieval_head.training.split_evaluation import format_report
 
         print(format_report(result.test, f"{recipe.name}: best head (step {result.best_step}) on the test splits"))
         print(f"head, recipe, log and report written to {result.output_dir}")

@@ -15,7 +15,7 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared 2-cor
 @pytest.fixture(scope="session")
 def embedded_agent():
     """The embedded SmolLM2-135M-Instruct and its tokenizer (dequantized once into the cache)."""
-    from retrieval_head.defaults import load_agent
+    from retrieval_head.io.embedded import load_agent
 
     return load_agent()
 
@@ -23,6 +23,6 @@ def embedded_agent():
 @pytest.fixture(scope="session")
 def embedded_teacher():
     """The embedded all-MiniLM-L6-v2 teacher."""
-    from retrieval_head.defaults import load_teacher
+    from retrieval_head.io.embedded import load_teacher
 
     return load_teacher()

@@ -73,7 +73,7 @@ def write_head(folder: Path, teacher_dir: Path, base_dir: Path, **config: Any) -
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from retrieval_head import RetrievalHeadConfig, get_retrieval_model
-    from retrieval_head.fingerprint import TeacherFingerprint
+    from retrieval_head.retrieval.fingerprint import TeacherFingerprint
 
     if not (base_dir / "config.json").exists():
         save_tiny(base_dir)

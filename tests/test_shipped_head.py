@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from retrieval_head import RetrievalModel
-from retrieval_head.cache import LayeredCache
-from retrieval_head.data import load_dataset_folder
 from retrieval_head.evaluation import retrieval_metrics
 from retrieval_head.evaluation.compare import teacher_texts
-from retrieval_head.fingerprint import TeacherFingerprint
-from retrieval_head.training.teacher_cache import teacher_embeddings
+from retrieval_head.io.tensor_cache import LayeredCache
+from retrieval_head.retrieval.data import load_dataset_folder
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+from retrieval_head.retrieval.teacher import teacher_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {"mlp": ROOT / "heads" / "smollm2-135m-minilm", "linear": ROOT / "heads" / "smollm2-135m-minilm-linear"}

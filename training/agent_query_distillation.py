@@ -38,7 +38,7 @@ DATASET = "dstc11_track5_val_reviewdoc"
 
 def agent_features(agent: Any, queries: list, cache: Any, split: str, max_new_tokens: int) -> dict[str, Any]:
     """Query-span and user-turn features + query texts for `queries`, computed once and cached."""
-    from retrieval_head.cache import cache_key
+    from retrieval_head.io.tensor_cache import cache_key
 
     model = agent.model
     kind = f"agent-queries-{split}"
@@ -97,7 +97,7 @@ def evaluate(head: Any, data: dict[str, Any], targets: dict[str, Any], index: An
 
 def fine_tune(head: Any, data: dict[str, Any], targets: dict[str, Any], steps: int, lr: float,
               batch_size: int, seed: int) -> Any:
-    from retrieval_head.losses import DistillationLoss
+    from retrieval_head.training.losses import DistillationLoss
 
     torch.manual_seed(seed)  # dropout
     head = copy.deepcopy(head).train()
@@ -133,8 +133,8 @@ def main() -> None:
 
     from retrieval_head.agent import NativeRetriever
     from retrieval_head.commands.eval import load_or_build_index
-    from retrieval_head.data import load_dataset_folder
     from retrieval_head.evaluation.compare import check_teacher, split_settings, teacher_texts
+    from retrieval_head.retrieval.data import load_dataset_folder
 
     model, teacher, _ = load_model_and_teacher(args.head)
     fingerprint = check_teacher(model, teacher)

@@ -18,8 +18,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..layer_states import decoder_layers, first_tensor
-from ..model import RetrievalModel, base_of
+from retrieval_head.core.base import base_of
+from retrieval_head.core.layer_states import decoder_layers, first_tensor
+from retrieval_head.core.model import RetrievalModel
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .span import QuerySpan
+from retrieval_head.agent.span import QuerySpan
 
 
 @dataclass(frozen=True)

@@ -14,37 +14,23 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from ..encode_adapter import EncodeAdapterError, has_encode_adapter
-from ..fingerprint import TeacherFingerprint, TeacherMismatchError
-from ..kv_cache import cache_kwarg, output_cache
-from ..model import RetrievalModel, base_of
-from ..templates import Message, is_conversation
-from .capture import LayerCapture, find_capture_point
-from .results import AgentResult, ConversationEmbedding, Hit, TurnCache
-from .span import EmptyQuerySpanError, find_query_span
+from retrieval_head.adapters.encode_adapter import EncodeAdapterError, has_encode_adapter
+from retrieval_head.agent.capture import LayerCapture, find_capture_point
+from retrieval_head.agent.prompts import DEFAULT_CLOSE, DEFAULT_INSTRUCTION, DEFAULT_OPEN, QueryPrompt
+from retrieval_head.agent.results import AgentResult, ConversationEmbedding, Hit, TurnCache
+from retrieval_head.agent.span import EmptyQuerySpanError, find_query_span
+from retrieval_head.core.base import base_of
+from retrieval_head.core.kv_cache import cache_kwarg, output_cache
+from retrieval_head.core.model import RetrievalModel
+from retrieval_head.core.templates import Message, is_conversation
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint, TeacherMismatchError
 
-DEFAULT_OPEN = "<query>"
-DEFAULT_CLOSE = "</query>"
-DEFAULT_INSTRUCTION = (
-    "Rewrite my last message as one short, standalone search query that names the place or thing we are talking "
-    "about. Write it between {open} and {close}."
-)  # chosen on DSTC11 dev dialogues (training/EXPERIMENTS.md): SmolLM2-135M copied any example query verbatim
 SearchWith = Literal["query", "user_turn"]
-
-
-@dataclass(frozen=True)
-class QueryPrompt:
-    """Token ids of the query prompt and the span `[start, end)` of the last message's text in them (None when
-    the head's template does not render the conversation as a prefix of the chat prompt)."""
-
-    input_ids: list[int]
-    user_span: tuple[int, int] | None
 
 
 class NativeRetriever:
@@ -64,7 +50,7 @@ class NativeRetriever:
             where the shipped head keeps 98% of the teacher's nDCG@10 (teacher on the dialogue) with the user
             turn and 42% with the queries SmolLM2-135M writes (benchmarks/results/agent_retention_dev.md).
 
-    A model with an encode adapter (`retrieval_head.encode_adapter`) is refused with `EncodeAdapterError`:
+    A model with an encode adapter (`retrieval_head.adapters.encode_adapter`) is refused with `EncodeAdapterError`:
     its head reads adapted states, which generation (adapter off) does not compute.
     """
 

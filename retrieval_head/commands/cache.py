@@ -25,12 +25,12 @@ def _run(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from ..fingerprint import TeacherFingerprint
-    from ..model import get_retrieval_model
-    from ..train import load_recipe_with_overrides
-    from ..training.datasets import build_training_data
-    from ..training.recipe import RecipeError
-    from ..training.trainer import TeacherDimError, head_config, load_models, recipe_cache
+    from retrieval_head.core.model import get_retrieval_model
+    from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+    from retrieval_head.train import load_recipe_with_overrides
+    from retrieval_head.training.datasets import build_training_data
+    from retrieval_head.training.recipe import RecipeError
+    from retrieval_head.training.setup import TeacherDimError, head_config, load_models, recipe_cache
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()

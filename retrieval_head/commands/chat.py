@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..quantization import QUANTIZE_TO
+from retrieval_head.core.quantization import QUANTIZE_TO
 
 
 def register(subparsers: Any) -> None:
@@ -58,8 +58,8 @@ def _read_corpus(folder: Path) -> dict[str, dict[str, str]]:
 
 
 def _load_index(args: argparse.Namespace, model: Any, corpus: dict[str, dict[str, str]] | None) -> Any:
-    from ..fingerprint import TeacherFingerprint
-    from ..index import DocumentIndex
+    from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+    from retrieval_head.retrieval.index import DocumentIndex
 
     folder = Path(args.index)
     if folder.exists():
@@ -69,7 +69,7 @@ def _load_index(args: argparse.Namespace, model: Any, corpus: dict[str, dict[str
     teacher_info = model.config.teacher or {}
     if not teacher_info.get("teacher_id"):
         raise ValueError("the head records no teacher, so no index can be built for it; give --index")
-    from ..defaults import load_teacher_by_id
+    from retrieval_head.io.embedded import load_teacher_by_id
 
     print(f"building the index of {len(corpus)} documents with {teacher_info['teacher_id']} ...", file=sys.stderr)
     teacher = load_teacher_by_id(teacher_info["teacher_id"], teacher_info.get("revision"))
@@ -94,8 +94,8 @@ def _messages(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..agent import EmptyQuerySpanError, NativeRetriever
-    from ..model import RetrievalModel
+    from retrieval_head.agent import EmptyQuerySpanError, NativeRetriever
+    from retrieval_head.core.model import RetrievalModel
 
     model = RetrievalModel.from_pretrained(args.head, quantize_head_to=args.quantize_head_to)
     corpus = _read_corpus(Path(args.data)) if args.data else None

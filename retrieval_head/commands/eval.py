@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..quantization import QUANTIZE_TO
+from retrieval_head.core.quantization import QUANTIZE_TO
 
 
 def register(subparsers: Any) -> None:
@@ -70,7 +70,7 @@ def load_or_build_index(folder: str | Path | None, teacher: Any, dataset: Any, f
     """(index, how it was obtained): loaded from `folder` (refused if another teacher built it or it lacks the
     corpus' documents), else built with the teacher (its document embeddings read from, or stored in, the
     `TensorCache` `cache` when given) and saved to `folder` when given."""
-    from ..index import META_FILE, DocumentIndex
+    from retrieval_head.retrieval.index import META_FILE, DocumentIndex
 
     if folder is not None and (Path(folder) / META_FILE).is_file():
         index = DocumentIndex.load(folder, expected_teacher=fingerprint)
@@ -85,7 +85,7 @@ def load_or_build_index(folder: str | Path | None, teacher: Any, dataset: Any, f
                                     show_progress_bar=show_progress_bar)
         how = "built"
     else:
-        from ..training.teacher_cache import teacher_embeddings
+        from retrieval_head.retrieval.teacher import teacher_embeddings
 
         fingerprint.check_matches(type(fingerprint).from_sentence_transformer(teacher), what="teacher")
         ids = list(dataset.doc_ids)
@@ -103,11 +103,11 @@ def evaluate_head(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `run` does but printing: load, split, index, compare. Returns the JSON report."""
     import torch
 
-    from ..cache import TensorCache
-    from ..data import load_dataset_folder
-    from ..defaults import load_teacher_by_id
-    from ..evaluation.compare import check_teacher, compare_head_and_teacher, held_out, split_settings
-    from ..model import RetrievalModel
+    from retrieval_head.core.model import RetrievalModel
+    from retrieval_head.evaluation.compare import check_teacher, compare_head_and_teacher, held_out, split_settings
+    from retrieval_head.io.embedded import load_teacher_by_id
+    from retrieval_head.io.tensor_cache import TensorCache
+    from retrieval_head.retrieval.data import load_dataset_folder
 
     dataset = load_dataset_folder(args.data)  # first: a bad folder fails before any model loads
     model = RetrievalModel.from_pretrained(args.head, device=args.device, quantize_head_to=args.quantize_head_to)
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from ..evaluation.compare import format_report
+    from retrieval_head.evaluation.compare import format_report
 
     try:
         report = evaluate_head(args)

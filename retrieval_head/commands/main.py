@@ -27,8 +27,8 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     import yaml
 
-    from ..training.main_job import main_recipe, run_main_job
-    from ..training.recipe import RecipeError
+    from retrieval_head.training.main_job import main_recipe, run_main_job
+    from retrieval_head.training.recipe import RecipeError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise

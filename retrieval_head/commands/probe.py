@@ -24,9 +24,9 @@ def register(subparsers: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     import logging
 
-    from ..train import load_recipe_with_overrides
-    from ..training.probe import format_probe, probe_recipe
-    from ..training.recipe import RecipeError
+    from retrieval_head.train import load_recipe_with_overrides
+    from retrieval_head.training.probe import format_probe, probe_recipe
+    from retrieval_head.training.recipe import RecipeError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise

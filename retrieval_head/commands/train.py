@@ -8,7 +8,7 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    from ..train import add_train_arguments
+    from retrieval_head.train import add_train_arguments
 
     parser = subparsers.add_parser("train", help="Train a head from a recipe (distillation against its teacher).",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -17,6 +17,6 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..train import run
+    from retrieval_head.train import run
 
     return run(args)

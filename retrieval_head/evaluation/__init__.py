@@ -1,8 +1,8 @@
 """Retrieval evaluation: metrics with sentence-transformers' definitions, an index-backed evaluator, BM25, and the
 peers of the quality benchmark (a static model distilled from the teacher, BM25)."""
 
-from .evaluator import BM25Baseline, RetrievalEvaluator, query_inputs
-from .metrics import (
+from retrieval_head.evaluation.evaluator import BM25Baseline, RetrievalEvaluator, query_inputs
+from retrieval_head.evaluation.metrics import (
     QueryLoss,
     per_query_metrics,
     rank_scores,
@@ -11,7 +11,7 @@ from .metrics import (
     topk_overlap,
     worst_queries,
 )
-from .peers import BM25Peer, StaticPeer
+from retrieval_head.evaluation.peers import BM25Peer, StaticPeer
 
 __all__ = [
     "BM25Baseline",

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Query, RetrievalDataset
-from ..fingerprint import TeacherFingerprint
-from ..index import DocumentIndex
-from .evaluator import BM25Baseline, RetrievalEvaluator
-from .metrics import per_query_metrics, retention, topk_overlap, worst_queries
+from retrieval_head.evaluation.evaluator import BM25Baseline, RetrievalEvaluator
+from retrieval_head.evaluation.metrics import per_query_metrics, retention, topk_overlap, worst_queries
+from retrieval_head.retrieval.data import Query, RetrievalDataset
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+from retrieval_head.retrieval.index import DocumentIndex
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def teacher_texts(queries: Sequence[Query], teacher: Any, max_tokens: int | None
     The window is `max_tokens` or the teacher's `max_seq_length`, special tokens included. Without a fast
     tokenizer on the teacher the texts are returned whole (the teacher then truncates them itself).
     """
-    from ..training.teacher_cache import teacher_max_tokens, teacher_query_text
+    from retrieval_head.retrieval.teacher import teacher_max_tokens, teacher_query_text
 
     tokenizer = getattr(teacher, "tokenizer", None)
     if tokenizer is None or not getattr(tokenizer, "is_fast", False):

@@ -8,10 +8,16 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Query, RetrievalDataset
-from ..fingerprint import TeacherFingerprint
-from ..index import DocumentIndex
-from .metrics import DEFAULT_RECALL_AT, per_query_metrics, rank_scores, retrieval_metrics, sort_hits
+from retrieval_head.evaluation.metrics import (
+    DEFAULT_RECALL_AT,
+    per_query_metrics,
+    rank_scores,
+    retrieval_metrics,
+    sort_hits,
+)
+from retrieval_head.retrieval.data import Query, RetrievalDataset
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+from retrieval_head.retrieval.index import DocumentIndex
 
 try:  # sentence-transformers >= 6
     from sentence_transformers.base.evaluation.evaluator import BaseEvaluator

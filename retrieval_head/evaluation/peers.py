@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cache import TensorCache, cache_key
-from ..data import RetrievalDataset
-from ..fingerprint import TeacherFingerprint
-from ..index import DocumentIndex
-from .evaluator import BM25Baseline, RetrievalEvaluator
+from retrieval_head.evaluation.evaluator import BM25Baseline, RetrievalEvaluator
+from retrieval_head.io.tensor_cache import TensorCache, cache_key
+from retrieval_head.retrieval.data import RetrievalDataset
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+from retrieval_head.retrieval.index import DocumentIndex
 
 logger = logging.getLogger(__name__)
 

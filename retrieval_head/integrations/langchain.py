@@ -18,13 +18,13 @@ from typing import Any
 
 from langchain_core.embeddings import Embeddings
 
-from ..fingerprint import TeacherFingerprint
-from ..model import RetrievalModel
+from retrieval_head.core.model import RetrievalModel
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint
 
 
 def load_recorded_teacher(model: RetrievalModel) -> Any:
     """The sentence-transformers teacher the head's config names (the embedded one offline)."""
-    from ..defaults import load_teacher_by_id
+    from retrieval_head.io.embedded import load_teacher_by_id
 
     recorded = model.config.teacher or {}
     if not recorded.get("teacher_id"):
@@ -45,7 +45,7 @@ class RetrievalHeadEmbeddings(Embeddings):
         if teacher is None:
             teacher = load_recorded_teacher(self.model)
         elif isinstance(teacher, str | Path):
-            from ..defaults import load_teacher_by_id
+            from retrieval_head.io.embedded import load_teacher_by_id
 
             teacher = load_teacher_by_id(str(teacher))
         self.teacher = teacher

@@ -19,8 +19,8 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from tqdm.auto import tqdm
 
-from ..fingerprint import TeacherFingerprint, TeacherMismatchError
-from ..index import _documents
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint, TeacherMismatchError
+from retrieval_head.retrieval.index import _documents
 
 TEACHER_KEY = "retrieval_head_teacher"
 DISTANCES = {"cosine": models.Distance.COSINE, "dot": models.Distance.DOT, "euclidean": models.Distance.EUCLID,

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from ..cache import TensorCache
-from ..data import RetrievalDataset, load_dataset_folder
-from ..features import cached_features, feature_key
-from ..fingerprint import TeacherFingerprint
-from .recipe import Recipe, RecipeError
-from .teacher_cache import teacher_embeddings, teacher_max_tokens, teacher_query_text, teacher_top_k
+from retrieval_head.io.tensor_cache import TensorCache
+from retrieval_head.retrieval.data import RetrievalDataset, load_dataset_folder
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+from retrieval_head.retrieval.teacher import teacher_embeddings, teacher_max_tokens, teacher_query_text, teacher_top_k
+from retrieval_head.training.features import cached_features, feature_key
+from retrieval_head.training.recipe import Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from ..cache import TensorCache
-from ..fingerprint import TeacherFingerprint
-from .probe import ridge_fit
-from .teacher_cache import teacher_embeddings
+from retrieval_head.io.tensor_cache import TensorCache
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+from retrieval_head.retrieval.teacher import teacher_embeddings
+from retrieval_head.training.probe import ridge_fit
 
 logger = logging.getLogger(__name__)
 

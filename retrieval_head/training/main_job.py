@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import RetrievalHeadConfig
-from .evaluation import SplitEvaluator
-from .recipe import Recipe
-from .trainer import RECIPE_FILE, Trainer, feature_for
+from retrieval_head.core.config import RetrievalHeadConfig
+from retrieval_head.training.recipe import Recipe
+from retrieval_head.training.setup import feature_for
+from retrieval_head.training.split_evaluation import SplitEvaluator
+from retrieval_head.training.trainer import RECIPE_FILE, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ def evaluate_shipped(trainer: Trainer, data: Any, folder: Path) -> tuple[dict[st
     """The shipped head on the same test queries (from the same cached features), or why it cannot be."""
     import torch
 
-    from ..head import ProjectionHead
-    from ..persistence import read_weights
+    from retrieval_head.core.head import ProjectionHead
+    from retrieval_head.io.folder import read_weights
 
     config = RetrievalHeadConfig.from_json_file(folder / "config.json")
     ours = trainer.model.config

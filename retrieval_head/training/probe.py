@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .datasets import TrainingData
-from .evaluation import SplitEvaluator
+from retrieval_head.training.datasets import TrainingData
+from retrieval_head.training.split_evaluation import SplitEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +78,10 @@ def format_probe(probe: dict[str, Any]) -> str:
 
 def probe_recipe(recipe: Any, base: Any = None, tokenizer: Any = None, teacher: Any = None) -> dict[str, Any]:
     """Load the recipe's models (unless given), build its data from the caches and run the probe."""
-    from ..fingerprint import TeacherFingerprint
-    from ..model import get_retrieval_model
-    from .datasets import build_training_data
-    from .trainer import head_config, load_models, recipe_cache
+    from retrieval_head.core.model import get_retrieval_model
+    from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+    from retrieval_head.training.datasets import build_training_data
+    from retrieval_head.training.setup import head_config, load_models, recipe_cache
 
     if base is None or teacher is None:
         base, tokenizer, teacher = load_models(recipe)

@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from ..config import HEAD_TYPES, POOLINGS, TEMPLATES
-from ..defaults import AGENT_ID, TEACHER_ID
+from retrieval_head.core.config import HEAD_TYPES, POOLINGS, TEMPLATES
+from retrieval_head.io.embedded import AGENT_ID, TEACHER_ID
 
 
 class RecipeError(ValueError):

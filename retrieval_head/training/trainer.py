@@ -32,14 +32,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cache import LayeredCache, TensorCache
-from ..config import RetrievalHeadConfig
-from ..features import feature_key
-from ..fingerprint import TeacherFingerprint
-from ..persistence import save_head
-from .datasets import ExampleSet, TrainingData, build_training_data
-from .evaluation import SplitEvaluator, format_report, score
-from .recipe import Recipe, RecipeError, check_resumable
+from retrieval_head.io.folder import save_head
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+from retrieval_head.training.datasets import TrainingData, build_training_data
+from retrieval_head.training.recipe import Recipe, check_resumable
+from retrieval_head.training.setup import (
+    feature_for,
+    head_config,
+    load_models,
+    mixed_precision,
+    recipe_cache,
+    training_summary,
+)
+from retrieval_head.training.split_evaluation import SplitEvaluator, format_report, score
+from retrieval_head.training.steps import EpochOrder, FeatureHead, loss_inputs, on_device, parameter_groups
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +55,6 @@ REPORT_FILE = "report.json"
 STATE_FILE = "trainer_state.json"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
-
-
-class TeacherDimError(ValueError):
-    """The teacher's embedding size differs from the recipe's `head.output_dim`."""
 
 
 class TrainingStopped(RuntimeError):
@@ -71,134 +73,6 @@ class TrainResult:
     seconds: float
     stopped: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
-
-
-class FeatureHead(nn.Module):
-    """`head.project_features` as a module's forward, so DDP's hooks see (and sync) the gradients."""
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.head = head
-
-    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None,
-                span_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head.project_features(features, mask, span_ids)
-
-
-class EpochOrder(torch.utils.data.Dataset):
-    """Example indices in a seeded order per epoch (`use_epoch`), so a run and its resumed copy agree.
-
-    Not named `set_epoch`: accelerate calls a dataset's `set_epoch` with its own count of iterations over the
-    loader, which restarts at 0 for the loader `skip_first_batches` returns on resume.
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed = size, seed
-        self.use_epoch(0)
-
-    def use_epoch(self, epoch: int) -> None:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        self.order = torch.randperm(self.size, generator=generator).tolist()
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, i: int) -> int:
-        return self.order[i]
-
-
-def parameter_groups(head: nn.Module, lr: float, static_lr_scale: float) -> list[dict[str, Any]]:
-    """AdamW groups: the static branch's table (rows updated only when their token occurs) at `lr * scale`."""
-    static = [p for n, p in head.named_parameters() if ".static." in f".{n}"]
-    rest = [p for n, p in head.named_parameters() if ".static." not in f".{n}"]
-    groups = [{"params": rest, "lr": lr}]
-    if static:
-        groups.append({"params": static, "lr": lr * static_lr_scale})
-    return groups
-
-
-def _on(device: Any, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """The tensors on `device` (None stays None)."""
-    return [None if t is None else t.to(device) for t in tensors]
-
-
-# --- set-up helpers -----------------------------------------------------------------------------------
-def mixed_precision(recipe: Recipe) -> str:
-    """The recipe's precision; "auto" = bf16 on GPUs that support it, fp16 on other GPUs, none on CPU."""
-    value = recipe.train.mixed_precision
-    if value != "auto":
-        return value
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
-def check_teacher_dim(recipe: Recipe, fingerprint: TeacherFingerprint) -> int:
-    """The output dim to train: the teacher's; raises `TeacherDimError` when the recipe names another."""
-    wanted = recipe.head.output_dim
-    if wanted is not None and wanted != fingerprint.dim:
-        raise TeacherDimError(
-            f"head.output_dim={wanted} in recipe {recipe.name!r}, but teacher {fingerprint.describe()!r} embeds into "
-            f"{fingerprint.dim} dimensions; set head.output_dim to {fingerprint.dim} (or null) or use another teacher."
-        )
-    return fingerprint.dim
-
-
-def head_config(recipe: Recipe, fingerprint: TeacherFingerprint, layer: int | None = None,
-                pooling: str | None = None) -> RetrievalHeadConfig:
-    h = recipe.head
-    return RetrievalHeadConfig(
-        base_model_name_or_path=recipe.base.model, revision=recipe.base.revision,
-        layer=h.layer if layer is None else layer, pooling=h.pooling if pooling is None else pooling,
-        head_type=h.head_type, inner_dim=h.inner_dim, num_head_layers=h.num_head_layers,
-        num_attention_heads=h.num_attention_heads, dropout=h.dropout, static_dim=h.static_dim,
-        static_base_embeddings=h.static_base_embeddings,
-        output_dim=check_teacher_dim(recipe, fingerprint),
-        normalize=h.normalize, seed=recipe.train.seed, query_template=h.query_template, system_prompt=h.system_prompt,
-        max_length=h.max_length, teacher=fingerprint.to_dict(),
-    )
-
-
-def feature_for(recipe: Recipe, config: RetrievalHeadConfig) -> tuple[str, bool]:
-    """(cached feature name, token-level?) the head reads; raises when the recipe did not extract it."""
-    index = config.resolve_layer(config.base_num_layers)
-    f = recipe.features
-    if config.head_type == "transformer":
-        if f.token_layer != index:
-            raise RecipeError(
-                f"a transformer head at layer {config.layer} (index {index}) reads span tokens of that layer, but "
-                f"features.token_layer={f.token_layer}; set features.token_layer: {index}"
-            )
-        return f"tokens.L{index}", True
-    if index not in f.layers or config.pooling not in f.poolings:
-        raise RecipeError(f"head layer {config.layer} (index {index}) / pooling {config.pooling!r} is not among the "
-                          f"extracted features (features.layers={f.layers}, poolings={f.poolings})")
-    return feature_key(config.pooling, index), False
-
-
-def _dtype(name: str) -> torch.dtype | None:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
-
-
-def load_models(recipe: Recipe, device: Any = None) -> tuple[Any, Any, Any]:
-    """(base, tokenizer, teacher) named by the recipe (the packaged copies for the embedded defaults)."""
-    from ..defaults import load_base, load_teacher_by_id
-
-    teacher = load_teacher_by_id(recipe.teacher.model, recipe.teacher.revision, device=str(device) if device else None)
-    base, tokenizer = load_base(recipe.base.model, recipe.base.revision, dtype=_dtype(recipe.base.dtype))
-    if device is not None:
-        base.to(device)
-    return base, tokenizer, teacher
-
-
-def recipe_cache(recipe: Recipe) -> TensorCache:
-    """The recipe's cache folder, layered over its read-only caches (resolved like data folders)."""
-    from .datasets import resolve_data_path
-
-    extra = [resolve_data_path(str(Path(p).parent), Path(p).name) for p in recipe.features.read_only_caches]
-    return LayeredCache(recipe.features.cache_dir, extra) if extra else TensorCache(recipe.features.cache_dir)
 
 
 # --- the run ----------------------------------------------------------------------------------------------
@@ -245,7 +119,7 @@ class Trainer:
         self.fingerprint = TeacherFingerprint.from_sentence_transformer(teacher, teacher_id=recipe.teacher.model,
                                                                         revision=recipe.teacher.revision)
         config = head_config(recipe, self.fingerprint)  # raises TeacherDimError before any work
-        from ..model import get_retrieval_model
+        from retrieval_head.core.model import get_retrieval_model
 
         self.model = get_retrieval_model(base, config, tokenizer)
         feature_for(recipe, self.model.config)  # fail fast on a layer the recipe does not extract
@@ -297,12 +171,12 @@ class Trainer:
         probe = None
         if recipe.probe.enabled and recipe.head.head_type != "transformer":
             probe_started = time.perf_counter()
-            from .probe import run_probe
+            from retrieval_head.training.probe import run_probe
 
             probe = run_probe(data, recipe.probe.ridge, recipe.probe.metric)
             self.timings["probe_s"] = time.perf_counter() - probe_started
             if recipe.probe.select:
-                from ..model import get_retrieval_model
+                from retrieval_head.core.model import get_retrieval_model
 
                 best = probe["best"]
                 config = head_config(recipe, self.fingerprint, layer=best["layer"], pooling=best["pooling"])
@@ -314,7 +188,7 @@ class Trainer:
 
         resuming = self.resume and self.latest_checkpoint() is not None  # the checkpoint holds the table
         if t.static_init == "lexical" and self.model.head.static is not None and not resuming:
-            from .lexical_init import init_static_branch
+            from retrieval_head.training.lexical_init import init_static_branch
 
             rows = list(range(len(train_set)))
             init_static_branch(self.model.head, self.model.tokenizer, self.teacher, self.fingerprint,
@@ -337,7 +211,7 @@ class Trainer:
         head, optimizer, loader = acc.prepare(head, optimizer, loader)
         acc.register_for_checkpointing(scheduler)
         documents = data.documents.to(acc.device)
-        from ..losses import DistillationLoss
+        from retrieval_head.training.losses import DistillationLoss
 
         lo = recipe.loss
         loss_fn = DistillationLoss({"alignment": lo.alignment, "contrastive": lo.contrastive, "rank": lo.rank},
@@ -373,7 +247,8 @@ class Trainer:
                 with acc.accumulate(head):
                     try:
                         student = head(batch["features"], batch.get("mask"), batch.get("span_ids"))
-                        total, parts = self._loss(loss_fn, student, batch, documents)
+                        total, parts = loss_fn(student, batch["teacher"],
+                                               **loss_inputs(recipe.loss, batch, documents, acc))
                         bad = torch.zeros((), device=acc.device)
                     except FloatingPointError as err:
                         parts, bad, reason = {}, torch.ones((), device=acc.device), str(err)
@@ -424,39 +299,6 @@ class Trainer:
         acc.wait_for_everyone()
         return self._result(state, last_dev, test, probe, started, None)
 
-    def _loss(self, loss_fn: Any, student: torch.Tensor, batch: dict[str, torch.Tensor],
-              documents: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        lo = self.recipe.loss
-        kwargs: dict[str, Any] = {}
-        if lo.rank > 0:
-            kwargs["rank_documents"] = documents
-            kwargs["top_k_indices"] = batch["top_k"]
-        if lo.contrastive > 0 and not lo.gold_positives and self.accelerator.num_processes > 1:
-            from ..losses import gathered_candidates
-
-            kwargs["candidates"], kwargs["positives"] = gathered_candidates(
-                batch["teacher"], self.accelerator.gather, self.accelerator.process_index)
-        if lo.contrastive > 0 and lo.gold_positives:
-            gold = batch["gold"]
-            ids = torch.unique(gold[gold >= 0])
-            teacher = batch["teacher"]
-            # candidates: the batch's teacher query vectors (each row's own = positive) + the batch's gold docs
-            cands = torch.cat([teacher, documents[ids]]) if ids.numel() else teacher
-            mask = torch.zeros((gold.shape[0], cands.shape[0]), dtype=torch.bool, device=teacher.device)
-            mask[torch.arange(gold.shape[0]), torch.arange(gold.shape[0])] = True
-            if ids.numel():
-                mask[:, gold.shape[0]:] = (gold.unsqueeze(2) == ids.view(1, 1, -1)).any(dim=1)
-            kwargs["candidates"], kwargs["positives"] = cands, mask
-            if lo.hard_negatives:
-                top = batch["top_k"][:, : lo.hard_negatives + gold.shape[1]]
-                is_gold = (top.unsqueeze(2) == gold.unsqueeze(1)).any(dim=2) | (top < 0)
-                hard = torch.zeros((gold.shape[0], lo.hard_negatives, documents.shape[1]), device=teacher.device)
-                for r in range(gold.shape[0]):
-                    picks = top[r][~is_gold[r]][: lo.hard_negatives]
-                    hard[r, : picks.numel()] = documents[picks]
-                kwargs["hard_negatives"] = hard
-        return loss_fn(student, batch["teacher"], **kwargs)
-
     def _stop_message(self, state: dict[str, Any], reason: str) -> str:
         checkpoint = self.latest_checkpoint()
         where = f"the last good checkpoint is {checkpoint} (resume with --resume)" if checkpoint else \
@@ -472,7 +314,7 @@ class Trainer:
         if acc.is_main_process and dev_eval is not None and dev_eval.parts:
             module = acc.unwrap_model(head)
             module.eval()
-            report = dev_eval.evaluate(lambda f, m, ids: module(*_on(acc.device, f, m, ids)))
+            report = dev_eval.evaluate(lambda f, m, ids: module(*on_device(acc.device, f, m, ids)))
             module.train()
             value = score(report, self.recipe.train.best_metric)
             if value is not None and (state["best_score"] is None or value > state["best_score"]):
@@ -508,7 +350,7 @@ class Trainer:
 
     def _finish(self, data: TrainingData, key: str, token_level: bool, state: dict[str, Any]) -> dict[str, Any]:
         """Best head -> test evaluation -> head folder (weights, config with metrics/probe/training, card)."""
-        from ..persistence import read_weights
+        from retrieval_head.io.folder import read_weights
 
         best = self.output_dir / BEST
         if best.is_dir():
@@ -519,7 +361,7 @@ class Trainer:
                 head.static.weight.copy_(head.static.weight.half().float())
         test_eval = SplitEvaluator(data, "test", key, token_level)
         device = next(head.parameters()).device
-        test = test_eval.evaluate(lambda f, m, ids: head.project_features(*_on(device, f, m, ids)))
+        test = test_eval.evaluate(lambda f, m, ids: head.project_features(*on_device(device, f, m, ids)))
         config = self.model.config
         config.metrics = {name: {"head": e["head"], "teacher": e["teacher"], "split": "test",
                                  "queries": e["queries"], "cosine": round(e["cosine"], 4)}
@@ -544,25 +386,9 @@ class Trainer:
                            time.perf_counter() - started, stopped, dict(self.timings))
 
 
-def training_summary(recipe: Recipe, state: dict[str, Any], data: TrainingData) -> dict[str, Any]:
-    """What the card's training table shows (the full recipe is `recipe.yaml` beside the head)."""
-    t, lo = recipe.train, recipe.loss
-    counts = {s.name: len(s.splits.get("train", [])) for s in data.sources}
-    return {
-        "recipe": recipe.name, "recipe_sha": recipe.fingerprint(),
-        "losses": {k: v for k, v in (("alignment", lo.alignment), ("contrastive", lo.contrastive),
-                                     ("rank", lo.rank)) if v > 0},
-        "gold_positives": lo.gold_positives, "top_k": lo.top_k, "lr": t.lr, "batch_size": t.batch_size,
-        "grad_accum": t.grad_accum, "steps": state["step"], "best_step": state["best_step"],
-        "warmup_ratio": t.warmup_ratio, "seed": t.seed, "train_examples": sum(counts.values()),
-        "train_sources": counts, "datasets": list(recipe.data.datasets),
-        "split": {"dev": recipe.data.dev_fraction, "test": recipe.data.test_fraction, "seed": recipe.data.split_seed},
-    }
-
-
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, **kwargs: Any) -> TrainResult:
     """Run a recipe into `output_dir` (see `Trainer`)."""
     return Trainer(recipe, output_dir, resume=resume, **kwargs).run()
 
 
-__all__ = ["ExampleSet", "FeatureHead", "TeacherDimError", "Trainer", "TrainingStopped", "TrainResult", "train"]
+__all__ = ["Trainer", "TrainingStopped", "TrainResult", "train"]

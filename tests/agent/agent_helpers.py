@@ -8,8 +8,8 @@ from tiny import tiny_causal_lm, tiny_tokenizer
 
 from retrieval_head import RetrievalHeadConfig, get_retrieval_model
 from retrieval_head.agent import NativeRetriever
-from retrieval_head.fingerprint import TeacherFingerprint
-from retrieval_head.index import DocumentIndex
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+from retrieval_head.retrieval.index import DocumentIndex
 
 DIM = 16
 NO_SPECIALS = {"suppress_tokens": [0, 1, 2]}  # random tiny LMs would otherwise end turns at random

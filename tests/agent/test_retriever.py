@@ -19,8 +19,8 @@ from tiny import save_tiny, tiny_causal_lm, tiny_tokenizer
 
 from retrieval_head import RetrievalHeadConfig, get_retrieval_model
 from retrieval_head.agent import NativeRetriever
-from retrieval_head.fingerprint import TeacherFingerprint, TeacherMismatchError
-from retrieval_head.index import DocumentIndex
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint, TeacherMismatchError
+from retrieval_head.retrieval.index import DocumentIndex
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
@@ -163,7 +163,7 @@ def test_chat_command_non_interactive(tmp_path, capsys):
 
 @pytest.mark.real_model
 def test_embedded_smollm2_writes_a_query_and_capture_matches(embedded_agent):
-    from retrieval_head.defaults import AGENT_ID
+    from retrieval_head.io.embedded import AGENT_ID
 
     base, tokenizer = embedded_agent
     config = RetrievalHeadConfig(layer=-8, output_dim=384, head_type="linear", base_model_name_or_path=AGENT_ID)

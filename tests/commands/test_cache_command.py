@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 from training_helpers import tiny_models, tiny_recipe
 
-import retrieval_head.features as features
+import retrieval_head.training.features as features
 from retrieval_head.cli import main
+from retrieval_head.training import setup as training_setup
 from retrieval_head.training import train
-from retrieval_head.training import trainer as trainer_module
 
 
 def test_cache_then_train_runs_no_lm_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     recipe = tiny_recipe(tmp_path).replace(**{"train.max_steps": 1, "data.corpus_texts": 5})
     recipe.save(tmp_path / "recipe.yaml")
-    monkeypatch.setattr(trainer_module, "load_models", lambda recipe, device=None: tiny_models())
+    monkeypatch.setattr(training_setup, "load_models", lambda recipe, device=None: tiny_models())
     assert main(["cache", "--recipe", str(tmp_path / "recipe.yaml"), "--quiet"]) == 0
     assert "texts of 2 sources" in capsys.readouterr().out
     shards = list((tmp_path / "cache").glob("features-*/shard-*.safetensors"))

@@ -11,8 +11,8 @@ import pytest
 from eval_helpers import load_teacher, write_dataset, write_head, write_teacher
 
 from retrieval_head.cli import main
-from retrieval_head.data import load_dataset_folder
-from retrieval_head.index import DocumentIndex
+from retrieval_head.retrieval.data import load_dataset_folder
+from retrieval_head.retrieval.index import DocumentIndex
 
 
 @pytest.fixture(scope="module")

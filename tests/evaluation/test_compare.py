@@ -10,7 +10,6 @@ import pytest
 from eval_helpers import load_teacher, write_dataset, write_head, write_teacher
 
 from retrieval_head import RetrievalModel
-from retrieval_head.data import Query, RetrievalDataset, load_dataset_folder
 from retrieval_head.evaluation.compare import (
     compare_head_and_teacher,
     format_report,
@@ -19,8 +18,9 @@ from retrieval_head.evaluation.compare import (
     split_settings,
     teacher_texts,
 )
-from retrieval_head.fingerprint import TeacherFingerprint, TeacherMismatchError
-from retrieval_head.index import DocumentIndex
+from retrieval_head.retrieval.data import Query, RetrievalDataset, load_dataset_folder
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint, TeacherMismatchError
+from retrieval_head.retrieval.index import DocumentIndex
 
 
 @pytest.fixture(scope="module")

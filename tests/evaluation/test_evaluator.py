@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval_head.data import Query, RetrievalDataset, load_dataset_folder
 from retrieval_head.evaluation import BM25Baseline, RetrievalEvaluator, query_inputs
 from retrieval_head.evaluation.evaluator import tokenize
-from retrieval_head.fingerprint import TeacherFingerprint, TeacherMismatchError
-from retrieval_head.index import DocumentIndex
+from retrieval_head.retrieval.data import Query, RetrievalDataset, load_dataset_folder
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint, TeacherMismatchError
+from retrieval_head.retrieval.index import DocumentIndex
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 

@@ -10,8 +10,6 @@ import pytest
 import torch
 from eval_helpers import load_teacher, write_dataset, write_teacher
 
-from retrieval_head.cache import TensorCache
-from retrieval_head.data import Query, RetrievalDataset, load_dataset_folder
 from retrieval_head.evaluation.peers import (
     BM25Peer,
     StaticPeer,
@@ -22,6 +20,8 @@ from retrieval_head.evaluation.peers import (
     token_outputs,
     zipf_sif_weights,
 )
+from retrieval_head.io.tensor_cache import TensorCache
+from retrieval_head.retrieval.data import Query, RetrievalDataset, load_dataset_folder
 
 
 @pytest.fixture(scope="module")

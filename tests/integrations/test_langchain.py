@@ -14,8 +14,8 @@ from langchain_core.vectorstores import InMemoryVectorStore
 from langchain_tests.integration_tests import EmbeddingsIntegrationTests
 from langchain_tests.unit_tests import EmbeddingsUnitTests
 
-from retrieval_head.fingerprint import TeacherFingerprint, TeacherMismatchError
 from retrieval_head.integrations.langchain import RetrievalHeadEmbeddings
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint, TeacherMismatchError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from training_helpers import FakeTeacher  # noqa: E402

@@ -10,9 +10,9 @@ import pytest
 from core_helpers import make_model
 from qdrant_client import QdrantClient
 
-from retrieval_head.fingerprint import TeacherFingerprint, TeacherMismatchError
-from retrieval_head.index import DocumentIndex
 from retrieval_head.integrations.qdrant import QdrantDocumentStore
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint, TeacherMismatchError
+from retrieval_head.retrieval.index import DocumentIndex
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from training_helpers import WORDS, FakeTeacher  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 import torch
 from training_helpers import write_tiny_dataset
 
-from retrieval_head.data import load_dataset_folder
+from retrieval_head.retrieval.data import load_dataset_folder
 from retrieval_head.training.datasets import Source, corpus_sentences, oversample, read_text_file
 from retrieval_head.training.recipe import RecipeError
 

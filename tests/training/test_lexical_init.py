@@ -6,8 +6,8 @@ import torch
 from tiny import tiny_tokenizer
 from training_helpers import FakeTeacher, tiny_models, tiny_recipe
 
-from retrieval_head.cache import TensorCache
-from retrieval_head.fingerprint import TeacherFingerprint
+from retrieval_head.io.tensor_cache import TensorCache
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint
 from retrieval_head.training.lexical_init import (
     fit_output_map,
     lexical_rows,

@@ -6,8 +6,8 @@ from safetensors.torch import load_file
 from training_helpers import FakeTeacher, tiny_models, tiny_recipe
 
 from retrieval_head import RetrievalHeadConfig
-from retrieval_head.losses import DistillationLoss
 from retrieval_head.training import RecipeMismatchError, TeacherDimError, Trainer, TrainingStopped, train
+from retrieval_head.training.losses import DistillationLoss
 
 
 def run(recipe, out, **kwargs):
@@ -122,7 +122,7 @@ def test_probe_select_trains_the_best_layer(tmp_path):
 def test_second_run_reuses_the_caches(tmp_path, monkeypatch):
     recipe = tiny_recipe(tmp_path).replace(**{"train.max_steps": 1})
     run(recipe, tmp_path / "a")
-    import retrieval_head.features as features
+    import retrieval_head.training.features as features
 
     monkeypatch.setattr(features, "extract_features", lambda *a, **k: pytest.fail("LM pass not cached"))
     calls = []
@@ -137,7 +137,7 @@ def test_read_only_caches_are_reused_not_written(tmp_path, monkeypatch):
     run(recipe, tmp_path / "a")
     shipped = tmp_path / "cache"
     before = sorted(p.name for p in shipped.iterdir())
-    import retrieval_head.features as features
+    import retrieval_head.training.features as features
 
     monkeypatch.setattr(features, "extract_features", lambda *a, **k: pytest.fail("LM pass not reused"))
     layered = recipe.replace(**{"features.cache_dir": str(tmp_path / "fresh-cache"),

@@ -1,0 +1,208 @@
+"""The projection head: token states of one LM layer -> one embedding in the teacher's space."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from retrieval_head.core.config import RetrievalHeadConfig
+from retrieval_head.core.pooling import pool
+from retrieval_head.core.quantization import HeadQuantizationError, PackedLayers, check_quantize_to, layers_key
+
+
+class ProjectionHead(nn.Module):
+    """Standardise token states, pool them over the text's span, project to `output_dim`.
+
+    `linear` and `mlp` pool first and project the pooled vector; `transformer` (the paper's head) projects
+    every token, runs a small encoder over the span, then pools. Every token is standardised with a
+    parameter-free LayerNorm, since middle layers of LMs have activations in the hundreds; pooled features
+    of `linear`/`mlp` heads therefore depend on no weight and can be cached for training.
+
+    The `linear`/`mlp` path is the agent's whole query-embedding step, so it is kept lean: functional ops on
+    the layers' parameters rather than module calls, and the settings it reads are plain attributes copied
+    from the config (a `PretrainedConfig` attribute lookup costs ~1 µs, as much as a small op at batch 1).
+    Its cost at batch 1 is reading the weights on every call; `quantize("float16" | "int8")` reads 2x / 4x
+    fewer bytes (inference on CPU only; the parameters, training and `save_pretrained` stay fp32).
+
+    With `config.static_dim > 0` a static (lexical) branch adds the mean of a learned table's rows over the
+    span's LM token ids, mapped to `output_dim`, before normalising: token identity (names, numbers, rare terms)
+    that a mean-pooled hidden layer blurs. At query time it is one gather and a mean over ids the LM already has.
+    With `config.static_base_embeddings` the branch also pools the base's own input embeddings of those ids
+    (`tie_input_embeddings`: a reference to the base's module, not a parameter of the head, never saved).
+    """
+
+    def __init__(self, config: RetrievalHeadConfig, hidden_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.head_type, self.pooling, self.normalize = config.head_type, config.pooling, config.normalize
+        self.dropout = config.dropout
+        self.quantized_to: str | None = None
+        self._packed: PackedLayers | None = None
+        self._input_embeddings: tuple[nn.Module, ...] = ()  # a tuple: the base's module, not registered here
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(config.seed)
+        try:
+            self._build(config, hidden_size)
+        finally:
+            torch.random.set_rng_state(generator_state)
+        self.register_load_state_dict_post_hook(ProjectionHead._drop_packed)
+
+    @staticmethod
+    def _drop_packed(module: nn.Module, incompatible_keys: object) -> None:
+        """New weights were loaded: pack them again on the next quantized call."""
+        module._packed = None
+
+    def _build(self, config: RetrievalHeadConfig, hidden_size: int) -> None:
+        if config.head_type == "linear":
+            self.project = nn.Linear(hidden_size, config.output_dim)
+            self._dense: tuple[nn.Linear, ...] = (self.project,)  # a tuple: not registered a second time
+        elif config.head_type == "mlp":
+            self.project = nn.Sequential(
+                nn.Linear(hidden_size, config.inner_dim),
+                nn.GELU(),
+                nn.Dropout(config.dropout),
+                nn.Linear(config.inner_dim, config.output_dim),
+            )
+            self._dense = (self.project[0], self.project[3])
+        else:
+            self._dense = ()
+            self.token_in = nn.Linear(hidden_size, config.inner_dim)
+            layer = nn.TransformerEncoderLayer(
+                config.inner_dim, config.num_attention_heads, dim_feedforward=2 * config.inner_dim,
+                dropout=config.dropout, batch_first=True, norm_first=True,
+            )
+            self.encoder = nn.TransformerEncoder(layer, config.num_head_layers, enable_nested_tensor=False)
+            self.project = nn.Linear(config.inner_dim, config.output_dim)
+        self.static: nn.Embedding | None = None
+        if config.static_dim:
+            if not config.base_vocab_size:
+                raise ValueError("a static branch (static_dim > 0) needs the base's vocabulary size "
+                                 "(config.base_vocab_size); attach the head to its base with get_retrieval_model().")
+            self.static = nn.Embedding(config.base_vocab_size, config.static_dim)
+            nn.init.normal_(self.static.weight, std=0.02)
+            width = config.static_dim + (hidden_size if config.static_base_embeddings else 0)
+            self.static_out = nn.Linear(width, config.output_dim, bias=False)
+            nn.init.zeros_(self.static_out.weight)  # a fresh branch adds nothing: training starts from the MLP
+
+    @property
+    def uses_ids(self) -> bool:
+        """Whether the head reads the span's token ids (a static branch) besides its states."""
+        return self.static is not None
+
+    @staticmethod
+    def span_ids(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The static branch's input: `input_ids` [B, T] where the span `mask` is set, -1 elsewhere."""
+        return torch.where(mask.bool(), input_ids.to(mask.device), -1)
+
+    def tie_input_embeddings(self, embeddings: nn.Module) -> None:
+        """Give the static branch the base's input-embedding module (`base.get_input_embeddings()`) to read."""
+        self._input_embeddings = (embeddings,)
+
+    def static_pool(self, span_ids: torch.Tensor) -> torch.Tensor:
+        """The static branch's pooled input: mean over each row's ids (-1 = padding) of the table's rows,
+        followed, with `static_base_embeddings`, by the mean of the base's standardised input embeddings."""
+        valid = span_ids >= 0
+        weights = valid.unsqueeze(-1) / valid.sum(1, keepdim=True).clamp_min(1).unsqueeze(-1)
+        ids = span_ids.clamp_min(0)
+        pooled = (self.static(ids) * weights).sum(1)
+        if not self.config.static_base_embeddings:
+            return pooled
+        if not self._input_embeddings:
+            raise ValueError("this head's static branch reads the base's input embeddings "
+                             "(static_base_embeddings): attach it to its base with get_retrieval_model(), or call "
+                             "head.tie_input_embeddings(base.get_input_embeddings()).")
+        embeddings = self._input_embeddings[0]
+        with torch.no_grad():
+            vectors = embeddings(ids.to(embeddings.weight.device)).to(pooled.device).float()
+        vectors = F.layer_norm(vectors, vectors.shape[-1:])
+        return torch.cat([pooled, (vectors * weights).sum(1)], dim=-1)
+
+    def static_embedding(self, span_ids: torch.Tensor) -> torch.Tensor:
+        """The static branch's output [B, output_dim]: `static_pool` mapped to the teacher's space."""
+        return F.linear(self.static_pool(span_ids), self.static_out.weight)
+
+    @property
+    def token_level(self) -> bool:
+        """Whether the head needs every token's state (transformer) rather than a pooled vector."""
+        return self.head_type == "transformer"
+
+    def features(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Weight-free input of the head: standardised states, pooled unless the head is token-level."""
+        states = F.layer_norm(states.float(), states.shape[-1:])
+        return states if self.token_level else pool(states, mask, self.pooling)
+
+    def project_features(self, features: torch.Tensor, mask: torch.Tensor | None = None,
+                         span_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Map `features()` output (and, for a static branch, `span_ids` [B, L], -1 padded) to embeddings
+        (L2-normalised when the config says so)."""
+        if self.token_level:
+            tokens = self.encoder(self.token_in(features), src_key_padding_mask=~mask.bool())
+            out = self.project(pool(tokens, mask, self.pooling))
+        else:
+            packed = self._packed_layers(features) if self.quantized_to else None
+            if packed is not None:
+                out = packed(features)
+            else:
+                out = features
+                for i, layer in enumerate(self._dense):
+                    if i:  # between the MLP's two layers
+                        out = F.gelu(out)
+                        if self.training:
+                            out = F.dropout(out, self.dropout, training=True)
+                    out = F.linear(out, layer.weight, layer.bias)
+        if self.static is not None:
+            if span_ids is None:
+                raise ValueError("this head has a static branch (static_dim > 0): it needs the span's token ids; "
+                                 "call head(states, mask, input_ids) or RetrievalModel.embed_hidden_states(..., "
+                                 "input_ids=...)")
+            out = out + self.static_embedding(span_ids.to(out.device))
+        if not self.normalize:
+            return out
+        return out / torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min(1e-12)  # = F.normalize, leaner
+
+    def quantize(self, dtype: str | None = "float16") -> ProjectionHead:
+        """Run inference with the dense layers' weights in `dtype` ("float16" or "int8"); None: fp32 again.
+
+        See `retrieval_head.core.quantization` for the kernels and their accuracy. The fp32 parameters are kept:
+        training, calls that need gradients and inputs on another device use them, weights that change are
+        packed again, and `save_pretrained` writes them unchanged.
+        """
+        if dtype is None:
+            self.quantized_to, self._packed = None, None
+            return self
+        check_quantize_to(dtype)
+        if self.token_level:
+            raise HeadQuantizationError("quantize() supports 'linear' and 'mlp' heads; this head is 'transformer' "
+                                        "(its encoder runs in fp32). Leave it unquantized.")
+        device = self._dense[0].weight.device
+        if device.type != "cpu":
+            raise HeadQuantizationError(f"quantize({dtype!r}) runs on the CPU, but the head is on {device}; on a GPU "
+                                        "the fp32 head is already fast: leave it unquantized.")
+        previous, self.quantized_to, self._packed = (self.quantized_to, self._packed), dtype, None
+        try:
+            self._pack()
+        except (RuntimeError, AttributeError) as error:  # a torch built without (or dropping) these kernels
+            self.quantized_to, self._packed = previous
+            raise HeadQuantizationError(f"this torch build cannot run {dtype} head weights on the CPU ({error}); "
+                                        "use another quantize_to or the fp32 head (None).") from error
+        return self
+
+    def _packed_layers(self, features: torch.Tensor) -> PackedLayers | None:
+        """The packed dense layers, or None where the fp32 path runs: training, gradients wanted, or inputs off
+        the CPU."""
+        if self.training or torch.is_grad_enabled() or features.device.type != "cpu":
+            return None
+        return self._pack()
+
+    def _pack(self) -> PackedLayers:
+        """The dense layers packed for `quantized_to`, packed again when a parameter changed."""
+        if self._packed is None or self._packed.key != layers_key(self._dense):
+            self._packed = PackedLayers(self._dense, self.quantized_to)
+        return self._packed
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings [B, output_dim] (fp32) for token states [B, T, H] and a span mask [B, T] (and the token ids
+        [B, T] of those positions, which a static branch reads)."""
+        ids = self.span_ids(input_ids, mask) if input_ids is not None and self.static is not None else None
+        return self.project_features(self.features(states, mask), mask, ids)

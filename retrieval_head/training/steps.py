@@ -1,0 +1,92 @@
+"""One optimisation step's pieces: the head as DDP sees it, the epoch order, the AdamW groups, the loss inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class FeatureHead(nn.Module):
+    """`head.project_features` as a module's forward, so DDP's hooks see (and sync) the gradients."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None,
+                span_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head.project_features(features, mask, span_ids)
+
+
+class EpochOrder(torch.utils.data.Dataset):
+    """Example indices in a seeded order per epoch (`use_epoch`), so a run and its resumed copy agree.
+
+    Not named `set_epoch`: accelerate calls a dataset's `set_epoch` with its own count of iterations over the
+    loader, which restarts at 0 for the loader `skip_first_batches` returns on resume.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self.use_epoch(0)
+
+    def use_epoch(self, epoch: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        self.order = torch.randperm(self.size, generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> int:
+        return self.order[i]
+
+
+def parameter_groups(head: nn.Module, lr: float, static_lr_scale: float) -> list[dict[str, Any]]:
+    """AdamW groups: the static branch's table (rows updated only when their token occurs) at `lr * scale`."""
+    static = [p for n, p in head.named_parameters() if ".static." in f".{n}"]
+    rest = [p for n, p in head.named_parameters() if ".static." not in f".{n}"]
+    groups = [{"params": rest, "lr": lr}]
+    if static:
+        groups.append({"params": static, "lr": lr * static_lr_scale})
+    return groups
+
+
+def on_device(device: Any, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The tensors on `device` (None stays None)."""
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+def loss_inputs(lo: Any, batch: dict[str, torch.Tensor], documents: torch.Tensor,
+                accelerator: Any) -> dict[str, Any]:
+    """`DistillationLoss` keyword arguments for a batch under the recipe's loss section `lo`: the rank loss's
+    documents, the contrastive candidates (gathered from every process under DDP, or gold documents)."""
+    kwargs: dict[str, Any] = {}
+    if lo.rank > 0:
+        kwargs["rank_documents"] = documents
+        kwargs["top_k_indices"] = batch["top_k"]
+    if lo.contrastive > 0 and not lo.gold_positives and accelerator.num_processes > 1:
+        from retrieval_head.training.losses import gathered_candidates
+
+        kwargs["candidates"], kwargs["positives"] = gathered_candidates(
+            batch["teacher"], accelerator.gather, accelerator.process_index)
+    if lo.contrastive > 0 and lo.gold_positives:
+        gold = batch["gold"]
+        ids = torch.unique(gold[gold >= 0])
+        teacher = batch["teacher"]
+        # candidates: the batch's teacher query vectors (each row's own = positive) + the batch's gold docs
+        cands = torch.cat([teacher, documents[ids]]) if ids.numel() else teacher
+        mask = torch.zeros((gold.shape[0], cands.shape[0]), dtype=torch.bool, device=teacher.device)
+        mask[torch.arange(gold.shape[0]), torch.arange(gold.shape[0])] = True
+        if ids.numel():
+            mask[:, gold.shape[0]:] = (gold.unsqueeze(2) == ids.view(1, 1, -1)).any(dim=1)
+        kwargs["candidates"], kwargs["positives"] = cands, mask
+        if lo.hard_negatives:
+            top = batch["top_k"][:, : lo.hard_negatives + gold.shape[1]]
+            is_gold = (top.unsqueeze(2) == gold.unsqueeze(1)).any(dim=2) | (top < 0)
+            hard = torch.zeros((gold.shape[0], lo.hard_negatives, documents.shape[1]), device=teacher.device)
+            for r in range(gold.shape[0]):
+                picks = top[r][~is_gold[r]][: lo.hard_negatives]
+                hard[r, : picks.numel()] = documents[picks]
+            kwargs["hard_negatives"] = hard
+    return kwargs
