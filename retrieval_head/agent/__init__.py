@@ -2,7 +2,7 @@
 
 `NativeRetriever` (retriever.py) drives generation and search; `prompts` asks the LM for its query;
 `capture` keeps the head's layer while the LM runs; `span` finds the query among the generated tokens;
-`results` holds what a turn returns.
+`results` holds what a turn returns; `turn` is the whole turn, search first (`SearchFirstAgent`).
 """
 
 from retrieval_head.agent.capture import CapturePoint, LayerCapture, find_capture_point
@@ -10,6 +10,7 @@ from retrieval_head.agent.prompts import DEFAULT_CLOSE, DEFAULT_INSTRUCTION, DEF
 from retrieval_head.agent.results import AgentResult, ConversationEmbedding, Hit, TurnCache
 from retrieval_head.agent.retriever import NativeRetriever
 from retrieval_head.agent.span import EmptyQuerySpanError, QuerySpan, find_query_span
+from retrieval_head.agent.turn import RagTurn, SearchFirstAgent
 
 __all__ = [
     "DEFAULT_CLOSE",
@@ -24,6 +25,8 @@ __all__ = [
     "NativeRetriever",
     "QueryPrompt",
     "QuerySpan",
+    "RagTurn",
+    "SearchFirstAgent",
     "TurnCache",
     "find_capture_point",
     "find_query_span",

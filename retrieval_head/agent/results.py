@@ -22,6 +22,8 @@ class TurnCache:
 
     ids: list[int]
     cache: Any
+    text: str | None = None
+    """The text those ids render (search-first turns): a next prompt starting with it reuses every id."""
 
 
 @dataclass

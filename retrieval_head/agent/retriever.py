@@ -88,7 +88,7 @@ class NativeRetriever:
         if index is not None:
             self._check_index(index, check_teacher)
         self.capture_point = find_capture_point(model)
-        self._cache_kwarg = cache_kwarg(base_of(model.base_model))
+        self.cache_kwarg = cache_kwarg(base_of(model.base_model))
 
     def _check_index(self, index: Any, check_teacher: bool) -> None:
         dim = getattr(index, "dim", None)
@@ -199,9 +199,9 @@ class NativeRetriever:
         kwargs.update(return_dict_in_generate=True)
         cached = 0
         if cache is not None:
-            cached = self._reuse(cache, prompts[0].input_ids, keep_new_from=keep)
+            cached = self.reuse_cache(cache, prompts[0].input_ids, keep_new_from=keep)
             if cached:
-                kwargs[self._cache_kwarg] = cache.cache
+                kwargs[self.cache_kwarg] = cache.cache
         base = self.model.base_model
         start = time.perf_counter()
         # the calls process positions [cached, ...): the uncached prompt, then the generated tokens
@@ -222,7 +222,7 @@ class NativeRetriever:
             mask[row, span.start - lo : span.end - lo] = 1
         span_s = time.perf_counter() - start
         query_states = states[:, width - keep + lo : width - keep + hi]
-        with torch.inference_mode(), _head_in_eval(self.model):
+        with torch.inference_mode(), head_in_eval(self.model):
             query_ids = out.sequences[:, width + lo : width + hi].to(states.device)
             embeddings = self.model.embed_hidden_states(query_states, mask.to(states.device), query_ids).float().cpu()
         embed_s = time.perf_counter() - start
@@ -264,7 +264,7 @@ class NativeRetriever:
         mask = torch.zeros((len(rows), hi - lo), dtype=torch.long, device=states.device)
         for i, row in enumerate(rows):
             mask[i, spans[row][0] - lo : spans[row][1] - lo] = 1
-        with torch.inference_mode(), _head_in_eval(self.model):
+        with torch.inference_mode(), head_in_eval(self.model):
             ids = input_ids[rows, lo:hi].to(states.device)
             embedded = self.model.embed_hidden_states(states[rows, lo - keep : hi - keep], mask, ids).float().cpu()
         out: list[torch.Tensor | None] = [None] * len(spans)
@@ -272,7 +272,7 @@ class NativeRetriever:
             out[row] = embedded[i]
         return out
 
-    def _reuse(self, cache: TurnCache, prompt: list[int], keep_new_from: int | None = None) -> int:
+    def reuse_cache(self, cache: TurnCache, prompt: list[int], keep_new_from: int | None = None) -> int:
         """Crop `cache` to the longest prefix it shares with `prompt`, and to `keep_new_from` positions at most
         (states from there on must be computed again); at least one prompt token stays new."""
         common = 0
@@ -308,15 +308,15 @@ class NativeRetriever:
         kwargs: dict[str, Any] = {"use_cache": return_cache or cache is not None}
         cached = 0
         if cache is not None:  # the span's states are computed again, so the cache is cut before it at most
-            cached = self._reuse(cache, rendered.input_ids, keep_new_from=rendered.span_start)
+            cached = self.reuse_cache(cache, rendered.input_ids, keep_new_from=rendered.span_start)
             if cached:
-                kwargs[self._cache_kwarg] = cache.cache
+                kwargs[self.cache_kwarg] = cache.cache
         capture = LayerCapture(self.capture_point, keep_from=rendered.span_start - cached)
         with torch.inference_mode(), capture:
             out = self.model.base_model(input_ids=ids[:, cached:], attention_mask=torch.ones_like(ids), **kwargs)
         states = capture.states()  # the span's states only
         mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
-        with torch.inference_mode(), _head_in_eval(self.model):
+        with torch.inference_mode(), head_in_eval(self.model):
             span_ids = ids[:, rendered.span_start : rendered.span_start + states.shape[1]].to(states.device)
             embedding = self.model.embed_hidden_states(states, mask, span_ids)[0].float().cpu()
         past = output_cache(out)
@@ -364,8 +364,8 @@ class NativeRetriever:
                                   "pad_token_id": self.tokenizer.pad_token_id, **generate_kwargs,
                                   "return_dict_in_generate": True}
         cache = result.cache
-        if cache is not None and self._reuse(cache, ids):
-            kwargs[self._cache_kwarg] = cache.cache
+        if cache is not None and self.reuse_cache(cache, ids):
+            kwargs[self.cache_kwarg] = cache.cache
         input_ids = torch.tensor([ids], device=self.model.device)
         with torch.inference_mode():
             out = self.model.base_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -377,7 +377,7 @@ class NativeRetriever:
 
 
 @contextlib.contextmanager
-def _head_in_eval(model: RetrievalModel) -> Iterator[None]:
+def head_in_eval(model: RetrievalModel) -> Iterator[None]:
     """Embed with the head in eval mode (no dropout), then restore the mode the caller had set."""
     was_training = model.head.training
     model.head.eval()

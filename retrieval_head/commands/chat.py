@@ -1,8 +1,11 @@
 """`retrieval-head chat`: a small retrieval-augmented conversation with native query embedding.
 
-Each turn the agent LM writes a search query, the head embeds it from the hidden states generation already
-computed, the index returns passages, and the LM answers with them. Messages come from `--message` (one or
-more turns), else from stdin (one turn per line), else interactively.
+Default (`--mode search-first`): each turn is one prefill of the conversation; the head embeds the user's
+message from its states, the index returns passages, and the answer continues the same KV cache (no query is
+written, no token runs twice; the next turn reuses the cache). `--mode query`: the LM first writes a search
+query, the head embeds it from generation's states, then the LM answers. Each turn prints the hits and the time
+split. Messages come from `--message` (one or more turns), else from stdin (one turn per line), else
+interactively.
 """
 
 from __future__ import annotations
@@ -31,8 +34,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument("-k", type=int, default=3, help="passages retrieved per turn")
     parser.add_argument("--max-query-tokens", type=int, default=32, help="generation budget for the query")
     parser.add_argument("--max-answer-tokens", type=int, default=96, help="generation budget for the answer")
+    parser.add_argument("--mode", choices=("search-first", "query"), default="search-first",
+                        help="search-first (default): search with the user's message from the answer's own prefill; "
+                             "query: the LM writes a search query first")
+    parser.add_argument("--passage-chars", type=int, default=600, help="each passage is cut to this many characters")
     parser.add_argument("--search-with", choices=("query", "user_turn"), default="user_turn",
-                        help="embedding that searches: the user's last message read from the same generation's "
+                        help="--mode query: the embedding that searches: the user's last message read from the same "
+                             "generation's "
                              "prefill (default; what a head trained on dialogues reads best), or the query the LM "
                              "writes")
     parser.add_argument("--quantize-head-to", choices=QUANTIZE_TO, default=None,
@@ -94,7 +102,7 @@ def _messages(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrieval_head.agent import EmptyQuerySpanError, NativeRetriever
+    from retrieval_head.agent import NativeRetriever
     from retrieval_head.core.model import RetrievalModel
 
     model = RetrievalModel.from_pretrained(args.head, quantize_head_to=args.quantize_head_to)
@@ -102,6 +110,53 @@ def run(args: argparse.Namespace) -> int:
     index = _load_index(args, model, corpus)
     agent = NativeRetriever(model, index, check_teacher=not args.no_check_teacher, search_with=args.search_with)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    turns = _search_first if args.mode == "search-first" else _query_first
+    for line in turns(args, agent, corpus, history):
+        print(line)
+    return 0
+
+
+def _passage(corpus: dict[str, dict[str, str]] | None, doc_id: str) -> str:
+    doc = (corpus or {}).get(doc_id, {})
+    return (doc.get("title", "") + ": " + doc.get("text", "")).strip(": ") or doc_id
+
+
+def _report(args: argparse.Namespace, message: str, hits: list[dict[str, Any]], passages: list[str], answer: str,
+            timings: dict[str, float], extra: dict[str, Any]) -> str:
+    split = {k: round(v * 1000, 2) for k, v in timings.items() if k.endswith("_s")}
+    if args.json:
+        return json.dumps({"message": message, **extra, "hits": hits, "answer": answer, "timings_ms": split})
+    lines = [f"query: {extra['query']!r}" + ("" if extra.get("used_markers", True) else f"  ({extra['note']})")
+             + ("  [searched with the user's message]" if extra["searched_with"] == "user_turn" else "")]
+    lines += [f"  [{rank}] {hit['doc_id']} {hit['score']:.3f}  {passage[:100]}"
+              for rank, (hit, passage) in enumerate(zip(hits, passages, strict=True), 1)]
+    lines.append(f"assistant: {answer}")
+    lines.append("  time (ms): " + ", ".join(f"{k[:-2]} {v:.1f}" for k, v in split.items()))
+    return "\n".join(lines)
+
+
+def _search_first(args: argparse.Namespace, agent: Any, corpus: Any, history: list[dict[str, str]]) -> Any:
+    from retrieval_head.agent.turn import SearchFirstAgent
+
+    documents = {doc_id: _passage(corpus, doc_id) for doc_id in agent.index.doc_ids}
+    first = SearchFirstAgent(agent, documents, k=args.k, passage_chars=args.passage_chars)
+    cache = None
+    for message in _messages(args):
+        turn = first.turn([*history, {"role": "user", "content": message}], max_new_tokens=args.max_answer_tokens,
+                          cache=cache)
+        history, cache = turn.history, turn.cache
+        hits = [{"doc_id": h.doc_id, "score": round(h.score, 4), "title": (corpus or {}).get(h.doc_id, {}).get(
+            "title", "")} for h in turn.hits]
+        timings = {k: turn.timings[k] for k in ("prefill_s", "embed_s", "search_s", "first_token_s", "answer_s",
+                                                 "total_s")}
+        yield _report(args, message, hits, turn.passages, turn.answer, timings,
+                      {"query": message, "searched_with": "user_turn", "mode": "search-first",
+                       "tokens": turn.tokens, "cut_tokens": turn.cut_tokens})
+
+
+def _query_first(args: argparse.Namespace, agent: Any, corpus: Any, history: list[dict[str, str]]) -> Any:
+    from retrieval_head.agent import EmptyQuerySpanError
+
     cache = None
     for message in _messages(args):
         conversation = [*history, {"role": "user", "content": message}]
@@ -111,23 +166,11 @@ def run(args: argparse.Namespace) -> int:
         except EmptyQuerySpanError as err:
             print(f"error: {err}", file=sys.stderr)
             continue
-        docs = [corpus.get(h.doc_id, {}) if corpus else {} for h in result.hits]
-        passages = [(d.get("title", "") + ": " + d.get("text", "")).strip(": ") or h.doc_id
-                    for d, h in zip(docs, result.hits, strict=True)]
+        passages = [_passage(corpus, h.doc_id) for h in result.hits]
         reply, cache = agent.answer(conversation, result, passages, max_new_tokens=args.max_answer_tokens)
         history = [*conversation, {"role": "assistant", "content": reply}]
-        hits = [{"doc_id": h.doc_id, "score": round(h.score, 4), "title": d.get("title", "")}
-                for h, d in zip(result.hits, docs, strict=True)]
-        if args.json:
-            print(json.dumps({"message": message, "query": result.query_text, "searched_with": result.searched_with,
-                              "used_markers": result.used_markers,
-                              "note": result.note, "hits": hits, "answer": reply,
-                              "timings_ms": {k: round(v * 1000, 2) for k, v in result.timings.items()
-                                             if k.endswith("_s")}}))
-        else:
-            print(f"query: {result.query_text!r}" + ("" if result.used_markers else f"  ({result.note})")
-                  + ("  [searched with the user's message]" if result.searched_with == "user_turn" else ""))
-            for rank, (hit, passage) in enumerate(zip(hits, passages, strict=True), 1):
-                print(f"  [{rank}] {hit['doc_id']} {hit['score']:.3f}  {passage[:100]}")
-            print(f"assistant: {reply}")
-    return 0
+        hits = [{"doc_id": h.doc_id, "score": round(h.score, 4), "title": (corpus or {}).get(h.doc_id, {}).get(
+            "title", "")} for h in result.hits]
+        yield _report(args, message, hits, passages, reply, result.timings,
+                      {"query": result.query_text, "searched_with": result.searched_with, "mode": "query",
+                       "used_markers": result.used_markers, "note": result.note})

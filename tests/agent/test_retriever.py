@@ -151,7 +151,7 @@ def test_chat_command_non_interactive(tmp_path, capsys):
         f'{{"id": "d{i}", "title": "Doc {i}", "text": "text of document {i}"}}\n' for i in range(12)))
     code = main(["chat", "--head", str(tmp_path / "head"), "--index", str(tmp_path / "index"), "--data", str(data),
                  "--message", "where can I park", "--max-query-tokens", "6", "--max-answer-tokens", "4", "-k", "2",
-                 "--json", "--search-with", "query"])
+                 "--json", "--mode", "query", "--search-with", "query"])
     assert code == 0
     import json
 

@@ -1,0 +1,165 @@
+"""The search-first turn: one prefill, the head, the index, the answer continuing the same KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from agent_helpers import CONV, FINGERPRINT, NO_SPECIALS, SHORT, make_index, make_model
+
+from retrieval_head.agent import NativeRetriever
+from retrieval_head.agent.turn import SearchFirstAgent, count_forwards
+from retrieval_head.retrieval.fingerprint import TeacherFingerprint, TeacherMismatchError
+
+DOCS = {f"d{i}": f"passage number {i} about rooms and parking" for i in range(12)}
+
+
+def make_agent(arch: str = "llama", k: int = 2, passage_chars: int = 40) -> SearchFirstAgent:
+    """The tiny LMs read 256 positions: short passages leave room for the dialogue."""
+    return SearchFirstAgent(NativeRetriever(make_model(arch), make_index()), DOCS, k=k, passage_chars=passage_chars)
+
+
+def plain_answer(agent: SearchFirstAgent, result, max_new_tokens: int) -> list[int]:
+    """Greedy answer to the same prompt from scratch (no cache): what the cached turn must reproduce."""
+    text = agent.tokenizer.apply_chat_template(agent.model.renderer.messages(result.history[:-1]), tokenize=False,
+                                               add_generation_prompt=True)
+    ids = torch.tensor([agent.tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        out = agent.model.base_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                              max_new_tokens=max_new_tokens, **NO_SPECIALS)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_one_prefill_embeds_like_encode_and_no_dialogue_token_runs_twice(arch):
+    agent = make_agent(arch)
+    result = agent.turn(CONV, max_new_tokens=5, **NO_SPECIALS)
+    expected = torch.as_tensor(agent.model.encode(CONV))
+    assert torch.allclose(result.embedding, expected, atol=1e-5)
+    assert result.doc_ids == [h.doc_id for h in agent.retriever.search(expected, 2)[0]] and len(result.passages) == 2
+    t = result.tokens
+    assert t["forward_passes"] == 1 + t["answer"]  # the prefill, then generate: the tail + each new token
+    assert t["computed"] == t["dialogue"] + t["passages"] + t["answer"] - 1  # the last token is never fed
+    rendered = agent.model.renderer.render(CONV)
+    assert t["dialogue"] == len(rendered.input_ids)  # the dialogue, once; no query was written
+    assert result.cache.cache.get_seq_length() == len(result.cache.ids)
+    assert set(result.timings) >= {"prefill_s", "embed_s", "search_s", "first_token_s", "answer_s", "total_s"}
+    assert result.timings["first_token_s"] <= result.timings["total_s"]
+
+
+def test_the_answer_equals_answering_the_same_prompt_from_scratch():
+    agent = make_agent()
+    result = agent.turn(CONV, max_new_tokens=6, **NO_SPECIALS)
+    scratch = agent.tokenizer.decode(plain_answer(agent, result, 6), skip_special_tokens=True).strip()
+    assert scratch == result.answer and result.tokens["answer"] == 6
+
+
+def words_only(tokenizer, text: str = "yes it is the room"):
+    """`prefix_allowed_tokens_fn` keeping a random LM to whole words (its answers then render back exactly)."""
+    allowed = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return lambda batch_id, input_ids: allowed
+
+
+def test_the_next_turn_reuses_every_token_already_computed():
+    agent = make_agent(k=1, passage_chars=12)
+    words = {"prefix_allowed_tokens_fn": words_only(agent.tokenizer)}
+    first = agent.turn(SHORT, max_new_tokens=4, **words)
+    conversation = [*first.history, {"role": "user", "content": "and is breakfast included"}]
+    with count_forwards(agent.model.base_model) as calls:
+        second = agent.turn(conversation, max_new_tokens=4, cache=first.cache, **words)
+    assert second.tokens["reused"] == len(first.cache.ids) > 0
+    rest = agent.model.renderer.render_text(conversation)[0][len(first.cache.text):]
+    assert rest.endswith("and is breakfast included")  # only the new user message (and its chat markers) is new
+    assert second.tokens["dialogue"] == len(agent.tokenizer(rest, add_special_tokens=False)["input_ids"])
+    assert calls.count == second.tokens["forward_passes"]
+    fresh = agent.turn(conversation, max_new_tokens=4, **words)
+    assert fresh.tokens["reused"] == 0
+    assert torch.allclose(second.embedding, fresh.embedding, atol=1e-4)
+    assert second.doc_ids == fresh.doc_ids and second.answer == fresh.answer
+
+
+def test_a_batch_is_one_prefill_and_answers_as_each_alone():
+    agent = make_agent()
+    batch = agent.turns([CONV, SHORT], max_new_tokens=4, **NO_SPECIALS)
+    alone = [agent.turn(c, max_new_tokens=4, **NO_SPECIALS) for c in (CONV, SHORT)]
+    for b, a in zip(batch, alone, strict=True):
+        assert torch.allclose(b.embedding, a.embedding, atol=1e-4)
+        assert b.doc_ids == a.doc_ids and b.answer == a.answer
+    answers = sum(r.tokens["answer"] for r in batch)
+    assert batch[0].tokens["forward_passes"] == 1 + answers  # one prefill for both conversations
+
+
+def test_a_peft_adapted_agent_searches_with_its_adapted_states():
+    from peft import LoraConfig, get_peft_model
+    from tiny import tiny_causal_lm, tiny_tokenizer
+
+    from retrieval_head import RetrievalHeadConfig, get_retrieval_model
+
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    base = get_peft_model(tiny_causal_lm(), lora)
+    config = RetrievalHeadConfig(layer=2, output_dim=16, inner_dim=32, teacher=FINGERPRINT.to_dict())
+    model = get_retrieval_model(base, config, tokenizer=tiny_tokenizer())
+    agent = SearchFirstAgent(NativeRetriever(model, make_index()), DOCS, k=2, passage_chars=40)
+    result = agent.turn(CONV, max_new_tokens=3, **NO_SPECIALS)
+    assert torch.allclose(result.embedding, torch.as_tensor(model.encode(CONV)), atol=1e-5)
+
+
+def test_a_conversation_longer_than_the_context_is_cut_from_the_left_and_says_so():
+    agent = make_agent()
+    long = [{"role": "user" if i % 2 == 0 else "assistant", "content": "tell me about the rooms " * 6}
+            for i in range(8)] + [{"role": "user", "content": "do they allow pets"}]
+    result = agent.turn(long, max_new_tokens=3, **NO_SPECIALS)
+    assert result.cut_tokens > 0 and result.cache.text is None  # a cut prompt is never reused as a prefix
+    assert result.tokens["dialogue"] + result.tokens["passages"] + 3 <= agent.context
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "non-empty conversation"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "must be the user's"),
+    ([{"role": "user", "content": ""}], "no tokens"),
+])
+def test_bad_conversations_are_clear_errors(messages, match):
+    with pytest.raises(ValueError, match=match):
+        make_agent().turn(messages, max_new_tokens=2)
+
+
+def test_k_is_checked_and_capped_at_the_index():
+    agent = make_agent(passage_chars=4)
+    for k in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="k must be a positive"):
+            agent.turn(SHORT, k=k, max_new_tokens=2)
+    assert len(agent.turn(SHORT, k=50, max_new_tokens=2, **NO_SPECIALS).hits) == len(DOCS)
+
+
+def test_an_index_from_another_teacher_or_none_is_refused():
+    other = TeacherFingerprint("other-teacher", None, 16, "cosine", True, "b" * 64)
+    with pytest.raises(TeacherMismatchError):
+        SearchFirstAgent(NativeRetriever(make_model(), make_index(other)), DOCS)
+    with pytest.raises(ValueError, match="with an index"):
+        SearchFirstAgent(NativeRetriever(make_model()), DOCS)
+
+
+@pytest.mark.real_model
+def test_embedded_smollm2_search_first_turn_answers_from_its_one_prefill(embedded_agent):
+    from retrieval_head import RetrievalHeadConfig, get_retrieval_model
+    from retrieval_head.io.embedded import AGENT_ID
+    from retrieval_head.retrieval.index import DocumentIndex
+
+    base, tokenizer = embedded_agent
+    config = RetrievalHeadConfig(layer=24, output_dim=16, head_type="linear", base_model_name_or_path=AGENT_ID,
+                                 teacher=FINGERPRINT.to_dict())
+    model = get_retrieval_model(base, config, tokenizer=tokenizer)
+    vectors = torch.randn(4, 16, generator=torch.Generator().manual_seed(0)).numpy()
+    documents = {"p": "Parking at the Avalon is free for guests.", "w": "The Avalon has free wifi.",
+                 "b": "Breakfast is served from 7 to 10.", "g": "There is a gym on the first floor."}
+    index = DocumentIndex.from_embeddings(vectors, list(documents), FINGERPRINT)
+    agent = SearchFirstAgent(NativeRetriever(model, index), documents, k=2)
+    conversation = [
+        {"role": "user", "content": "I'm staying at the Avalon hotel next week."},
+        {"role": "assistant", "content": "Great, how can I help?"},
+        {"role": "user", "content": "Do they have free parking?"},
+    ]
+    result = agent.turn(conversation, max_new_tokens=12)
+    assert torch.allclose(result.embedding, torch.as_tensor(model.encode(conversation)), atol=1e-4)
+    assert result.answer.strip() and len(result.passages) == 2
+    assert result.tokens["forward_passes"] == 1 + result.tokens["answer"]
+    assert result.tokens["dialogue"] == len(model.renderer.render(conversation).input_ids)
