@@ -1,7 +1,8 @@
 """Put the benchmark numbers into a head's model card, so the card shows what the README's results show.
 
-Reads `quality.json` (every dataset's held-out test split: head and teacher metrics) and `latency.json` (batch 1)
-from the results folder, checks that they measured this head, writes them to the head's `config.json`
+Reads `quality.json` (every dataset's held-out test split: head and teacher metrics), `latency.json` (batch 1)
+and, when present, `agent_rag_turn.json` (time to the first answer token of a whole agent turn) from the results
+folder, checks that they measured this head, writes them to the head's `config.json`
 `metrics` (atomically; the weights are not touched) and re-renders its README.md card (text outside the
 generated section is kept). Usage:
 
@@ -43,6 +44,21 @@ def head_timings(batch: dict[str, Any], latency: dict[str, Any], head: Path) -> 
     return next(t for spec, t in batch.get("also_heads", {}).items() if Path(spec).resolve() == head.resolve())
 
 
+def agent_turn_speed(results: Path, head: Path) -> dict[str, Any]:
+    """Time to the first answer token of a whole agent turn per path (`agent_rag_turn.json`), when it measured
+    `head`; {} otherwise (the card then has no agent-turn rows)."""
+    path = results / "agent_rag_turn.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    spec = data["head"]["spec"] if isinstance(data["head"], dict) else data["head"]
+    if Path(spec).resolve() != head.resolve():
+        return {}
+    names = {"a": "two_model", "b": "native_query", "c": "search_first"}
+    return {f"agent_turn_first_token_s_{names[k]}": round(p["first_token_s"]["median"], 2)
+            for k, p in data["paths"].items()}
+
+
 def card_metrics(quality: dict[str, Any], latency: dict[str, Any], head: Path) -> dict[str, Any]:
     """`config.metrics` in the card's shape: per dataset head + teacher metrics, plus a speed entry."""
     metrics: dict[str, Any] = {}
@@ -80,6 +96,7 @@ def main() -> int:
     config_path = head / "config.json"
     data = json.loads(config_path.read_text(encoding="utf-8"))
     data["metrics"] = card_metrics(quality, latency, head)
+    data["metrics"]["speed"].update(agent_turn_speed(results, head))
     tmp = config_path.with_name(".config.json.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, config_path)

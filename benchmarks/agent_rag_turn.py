@@ -1,0 +1,244 @@
+"""The whole agent turn on held-out DSTC11 dialogues, three ways, side by side (embedded SmolLM2-135M + shipped head):
+
+(a) two-model: the LM writes a query -> the teacher `encode`s it -> search -> the LM answers;
+(b) native query: the LM writes a query -> the head embeds it from generation's states -> search -> answer;
+(c) native search-first: one prefill of the dialogue -> the head on the last user turn -> search -> the answer
+    continues the same KV cache (`SearchFirstAgent`).
+(a) and (b) answer from the query turn's KV cache (`NativeRetriever.answer`), so they too never prefill the
+dialogue twice: what differs is the query the LM must write first, and who embeds it.
+
+Per path, each in its own process (so peak RSS is the path's own): time to the first answer token (median,
+p90), turn time, base forward calls and tokens computed, peak RSS, and nDCG@10 / R@10 of the search against the
+gold documents (top 10 ranked; the top `--k` are the answer's passages), beside the teacher on the dialogue.
+Writes benchmarks/results/agent_rag_turn.{json,md,png}. Usage:
+
+    .venv/bin/python benchmarks/agent_rag_turn.py [--head DIR] [--dialogues 40] [--answer-tokens 32] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import DATA, ROOT, describe_machine, fmt, machine_info, publish, pyplot, repo_relative, resolve_head
+
+DATASET = "dstc11_track5_val_reviewdoc"
+PATHS = {"a": "(a) two-model: LM query -> teacher", "b": "(b) native: LM query -> head",
+         "c": "(c) native search-first: prefill -> head"}
+
+
+def sample(model: Any, n: int) -> tuple[Any, list[Any]]:
+    """The dataset and the first `n` test-split dialogues with gold documents (the split the head never saw)."""
+    from retrieval_head.evaluation.compare import held_out
+    from retrieval_head.retrieval.data import load_dataset_folder
+
+    dataset = load_dataset_folder(DATA / DATASET)
+    test = held_out(dataset, model)
+    relevant = test.relevant_docs()
+    return dataset, [q for q in test.queries if q.id in relevant][:n]
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One path over the dialogues; writes per-dialogue timings, tokens and ranked ids to `args.out`."""
+    import torch
+
+    from retrieval_head import RetrievalModel
+    from retrieval_head.agent import NativeRetriever
+    from retrieval_head.agent.turn import FirstToken, SearchFirstAgent, count_forwards
+    from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+    from retrieval_head.retrieval.index import DocumentIndex
+
+    torch.set_num_threads(args.threads)
+    model = RetrievalModel.from_pretrained(args.head).eval()
+    fingerprint = TeacherFingerprint.from_dict(model.config.teacher)
+    index = DocumentIndex.load(args.index, expected_teacher=fingerprint)
+    dataset, queries = sample(model, args.dialogues + 1)  # the first one warms up, untimed
+    documents = {d: dataset.document_text(d) for d in dataset.doc_ids}
+    teacher = None
+    if args.worker == "a":
+        from retrieval_head.io.embedded import load_teacher_by_id
+
+        teacher = load_teacher_by_id(fingerprint.teacher_id, fingerprint.revision)
+    query_agent = NativeRetriever(model, index, search_with="query")
+    first = SearchFirstAgent(NativeRetriever(model, index), documents, k=args.k, passage_chars=args.passage_chars)
+    rows = []
+    for i, query in enumerate(queries):
+        messages = query.as_messages()
+        started = time.perf_counter()
+        with torch.inference_mode(), count_forwards(model.base_model) as calls:
+            if args.worker == "c":
+                turn = first.turn(messages, max_new_tokens=args.answer_tokens)
+                embedding, first_token_s, answer = turn.embedding, turn.timings["first_token_s"], turn.answer
+                query_text = None
+            else:
+                result = query_agent.generate_and_search(messages, k=args.k, max_new_tokens=24)
+                query_text = result.query_text
+                embedding = result.query_embedding
+                if teacher is not None:
+                    embedding = torch.as_tensor(teacher.encode(query_text, convert_to_numpy=True))
+                    result.hits = query_agent.search(embedding, args.k)[0]
+                passages = [documents[h.doc_id][: args.passage_chars] for h in result.hits]
+                clock = FirstToken(started)
+                answer, _ = query_agent.answer(messages, result, passages, max_new_tokens=args.answer_tokens,
+                                               streamer=clock)
+                first_token_s = (clock.first or time.perf_counter()) - started
+        total_s = time.perf_counter() - started
+        _, ranked = index.search(embedding.reshape(1, -1).numpy(), 10)  # untimed: the metrics' top 10
+        plain_text = model.tokenizer.apply_chat_template(model.renderer.messages(messages), tokenize=False,
+                                                         add_generation_prompt=True)
+        plain = len(model.tokenizer(plain_text, add_special_tokens=False)["input_ids"])
+        if i == 0:
+            continue
+        rows.append({"id": query.id, "first_token_s": first_token_s, "total_s": total_s, "forwards": calls.count,
+                     "tokens": calls.tokens, "plain_prompt_tokens": plain, "ranked": ranked[0],
+                     "query": query_text, "answer": answer})
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(args.out).write_text(json.dumps({"rows": rows, "peak_rss_mib": peak_mib}))
+
+
+def teacher_reference(model: Any, dataset: Any, queries: list[Any], index: Any) -> list[list[str]]:
+    """The teacher on the dialogue (history + question, cut from the left to its window): the quality bar."""
+    from retrieval_head.evaluation.compare import teacher_texts
+    from retrieval_head.io.embedded import load_teacher_by_id
+
+    info = model.config.teacher
+    teacher = load_teacher_by_id(info["teacher_id"], info.get("revision"))
+    texts, _ = teacher_texts(queries, teacher)
+    _, ranked = index.search(teacher.encode(texts, convert_to_numpy=True), 10)
+    return ranked
+
+
+def quality(ranked: list[list[str]], ids: list[str], qrels: Any) -> dict[str, float]:
+    from retrieval_head.evaluation.metrics import retrieval_metrics
+
+    return retrieval_metrics(dict(zip(ids, ranked, strict=True)), qrels, recall_at=(10,))
+
+
+def summarize_path(rows: list[dict[str, Any]], qrels: Any) -> dict[str, Any]:
+    def stats(key: str) -> dict[str, float]:
+        values = sorted(r[key] for r in rows)
+        p90 = statistics.quantiles(values, n=10)[-1] if len(values) >= 2 else values[0]
+        return {"median": statistics.median(values), "p90": p90}
+
+    return {
+        "first_token_s": stats("first_token_s"), "total_s": stats("total_s"),
+        "forwards": statistics.mean(r["forwards"] for r in rows), "tokens": statistics.mean(r["tokens"] for r in rows),
+        "plain_prompt_tokens": statistics.mean(r["plain_prompt_tokens"] for r in rows),
+        "quality": quality([r["ranked"] for r in rows], [r["id"] for r in rows], qrels),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    p, ref = result["paths"], result["teacher_on_dialogue"]
+    a_ttft = p["a"]["first_token_s"]["median"]
+    lines = [
+        "# The whole agent turn: search, then answer (DSTC11 test dialogues)",
+        "",
+        f"{result['dialogues']} held-out dialogues (after one warm-up), greedy answers of at most "
+        f"{result['answer_tokens']} tokens from the top {result['k']} passages; each path in its own process, "
+        f"{result['threads']} threads. Head: `{result['head']}`. Machine: {describe_machine(result['machine'])}.",
+        "",
+        "| path | first answer token, median (s) | p90 (s) | vs (a) | turn (s) | forward calls | tokens computed "
+        "| peak RSS (MiB) | nDCG@10 | R@10 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, label in PATHS.items():
+        s = p[key]
+        lines.append(
+            f"| {label} | {fmt(s['first_token_s']['median'], 2)} | {fmt(s['first_token_s']['p90'], 2)} | "
+            f"{a_ttft / s['first_token_s']['median']:.1f}x | {fmt(s['total_s']['median'], 2)} | {s['forwards']:.1f} | "
+            f"{s['tokens']:.0f} | {s['peak_rss_mib']:.0f} | {fmt(s['quality']['ndcg@10'])} | "
+            f"{fmt(s['quality']['recall@10'])} |")
+    lines.append(f"| teacher on the dialogue (quality reference) | | | | | | | | {fmt(ref['ndcg@10'])} | "
+                 f"{fmt(ref['recall@10'])} |")
+    c = p["c"]
+    plain = c["plain_prompt_tokens"] + result["answer_tokens"] - 1
+    lines += [
+        "",
+        f"Plain answering without retrieval would compute ~{plain:.0f} tokens (the dialogue + the answer prompt + "
+        f"up to {result['answer_tokens']} answer tokens); (c) computes {c['tokens']:.0f}: that plus the passages "
+        "and nothing else (no query written, no token of the dialogue twice). (a) and (b) add the query the LM "
+        "writes and the instruction asking for it.",
+    ]
+    if result.get("plot"):
+        lines += ["", f"![time to first answer token]({result['plot']})"]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 3))
+    labels = [PATHS[k].split(":")[0] for k in PATHS]
+    ax.barh(labels, [result["paths"][k]["first_token_s"]["median"] for k in PATHS], color=["#999", "#69c", "#36a"])
+    ax.invert_yaxis()
+    ax.set_xlabel("time to the first answer token, median (s)")
+    ax.set_title("One agent turn with retrieval (SmolLM2-135M, 2 CPU cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--head", default=None, help="Head folder (default: the shipped head).")
+    parser.add_argument("--dialogues", type=int, default=40)
+    parser.add_argument("--answer-tokens", type=int, default=32)
+    parser.add_argument("--k", type=int, default=3, help="Passages fed to the answer.")
+    parser.add_argument("--passage-chars", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--index", default=str(ROOT / ".cache" / "indexes" / DATASET),
+                        help="The teacher's index of the corpus (built by benchmarks/quality.py or `eval`).")
+    parser.add_argument("--worker", choices=sorted(PATHS), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.head = resolve_head(args.head)
+    if args.worker:
+        return worker(args)
+
+    import torch
+
+    from retrieval_head import RetrievalModel
+    from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+    from retrieval_head.retrieval.index import META_FILE, DocumentIndex
+
+    torch.set_num_threads(args.threads)
+    model = RetrievalModel.from_pretrained(args.head).eval()
+    dataset, queries = sample(model, args.dialogues + 1)
+    queries = queries[1:]
+    if not (Path(args.index) / META_FILE).is_file():
+        raise SystemExit(f"error: no index in {args.index}; run benchmarks/quality.py first (it builds it)")
+    index = DocumentIndex.load(args.index, expected_teacher=TeacherFingerprint.from_dict(model.config.teacher))
+    paths = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in PATHS:
+            out = Path(tmp) / f"{key}.json"
+            command = [sys.executable, __file__, "--worker", key, "--out", str(out), "--head", args.head,
+                       "--dialogues", str(args.dialogues), "--answer-tokens", str(args.answer_tokens),
+                       "--k", str(args.k), "--passage-chars", str(args.passage_chars), "--threads", str(args.threads),
+                       "--index", args.index]
+            print(f"path {key} ...", file=sys.stderr, flush=True)
+            subprocess.run(command, check=True)
+            data = json.loads(out.read_text())
+            paths[key] = {**summarize_path(data["rows"], dataset.qrels), "peak_rss_mib": data["peak_rss_mib"],
+                          "examples": data["rows"][:3]}
+    reference = quality(teacher_reference(model, dataset, queries, index), [q.id for q in queries], dataset.qrels)
+    result = {"benchmark": "agent_rag_turn", "machine": machine_info(), "head": repo_relative(args.head),
+              "dataset": DATASET, "dialogues": len(queries), "answer_tokens": args.answer_tokens, "k": args.k,
+              "passage_chars": args.passage_chars, "threads": args.threads, "paths": paths,
+              "teacher_on_dialogue": reference}
+    publish("agent_rag_turn", result, markdown, plot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
