@@ -26,6 +26,7 @@ import torch
 from retrieval_head.agent.capture import LayerCapture
 from retrieval_head.agent.results import Hit, TurnCache
 from retrieval_head.agent.retriever import NativeRetriever, head_in_eval
+from retrieval_head.core.kv_cache import output_cache
 from retrieval_head.core.templates import Message, context_length, is_conversation
 
 DEFAULT_RESULTS = "\n\nSearch results:\n{passages}\n\nAnswer my question using them, briefly."
@@ -94,13 +95,13 @@ class SearchFirstAgent:
             if cache is not None and not prompt.cut:
                 reused = self.retriever.reuse_cache(cache, prompt.ids, keep_new_from=prompt.span[0])
             past = cache.cache if reused else None
-            embedding, past = self._prefill([prompt], [reused], past)
+            embedding, past, embed_s = self._prefill([prompt], [reused], past)
             prefill_s = time.perf_counter() - started
             hits, search_s = self._search(embedding, k)
             result = self._answer(messages, prompt, hits[0], past, max_new_tokens, started, generate_kwargs)
         result.embedding = embedding[0]
-        result.timings.update(prefill_s=prefill_s, search_s=search_s, total_s=time.perf_counter() - started)
-        result.timings["embed_s"] = self._embed_s
+        result.timings.update(prefill_s=prefill_s, embed_s=embed_s, search_s=search_s,
+                              total_s=time.perf_counter() - started)
         result.tokens.update(dialogue=len(prompt.ids) - reused, reused=reused, forward_passes=calls.count,
                              computed=calls.tokens)
         return result
@@ -115,7 +116,7 @@ class SearchFirstAgent:
         started = time.perf_counter()
         prompts = [self._prompt(m, max_new_tokens, None, k) for m in conversations]
         with count_forwards(self.model.base_model) as calls:
-            embeddings, past = self._prefill(prompts, [0] * len(prompts), None)
+            embeddings, past, embed_s = self._prefill(prompts, [0] * len(prompts), None)
             prefill_s = time.perf_counter() - started
             hits, search_s = self._search(embeddings, k)
             width = max(len(p.ids) for p in prompts)
@@ -126,7 +127,7 @@ class SearchFirstAgent:
                                             generate_kwargs))
         for row, (result, prompt) in enumerate(zip(results, prompts, strict=True)):
             result.embedding = embeddings[row]
-            result.timings.update(prefill_s=prefill_s, search_s=search_s, embed_s=self._embed_s)
+            result.timings.update(prefill_s=prefill_s, search_s=search_s, embed_s=embed_s)
             result.tokens.update(dialogue=len(prompt.ids), reused=0)
         for result in results:  # the batch's totals, shared
             result.timings["total_s"] = time.perf_counter() - started
@@ -162,8 +163,9 @@ class SearchFirstAgent:
         template = self.results_template.format(passages="") + "<|im_end|>\n<|im_start|>assistant\n"
         return k * (self.passage_chars + 8) + len(self.tokenizer(template, add_special_tokens=False)["input_ids"])
 
-    def _prefill(self, prompts: list[_Prompt], reused: list[int], past: Any) -> tuple[torch.Tensor, Any]:
-        """One forward over the prompts (left-padded), keeping the head's layer over each span: embeddings + cache."""
+    def _prefill(self, prompts: list[_Prompt], reused: list[int], past: Any) -> tuple[torch.Tensor, Any, float]:
+        """One forward over the prompts (left-padded), keeping the head's layer over each span: (embeddings, the
+        KV cache, seconds the head took)."""
         width = max(len(p.ids) for p in prompts)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -191,10 +193,7 @@ class SearchFirstAgent:
         with torch.inference_mode(), head_in_eval(self.model):
             ids = input_ids[:, keep:].to(states.device)
             embeddings = self.model.embed_hidden_states(states, span_mask, ids).float().cpu()
-        self._embed_s = time.perf_counter() - started
-        from retrieval_head.core.kv_cache import output_cache
-
-        return embeddings, output_cache(out)
+        return embeddings, output_cache(out), time.perf_counter() - started
 
     def _search(self, embeddings: torch.Tensor, k: int | None) -> tuple[list[list[Hit]], float]:
         k = min(check_k(self.k if k is None else k), len(self.retriever.index))
@@ -236,8 +235,6 @@ class SearchFirstAgent:
         body = new[:-1] if new and new[-1] == eos else new
         raw = self.tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         history.append({"role": "assistant", "content": raw})
-        from retrieval_head.core.kv_cache import output_cache
-
         cache_out = output_cache(out)
         next_cache = None
         if cache_out is not None and new:
