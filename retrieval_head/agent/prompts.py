@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from retrieval_head.core.templates import RenderedInput
+
 DEFAULT_OPEN = "<query>"
 DEFAULT_CLOSE = "</query>"
 DEFAULT_INSTRUCTION = (
@@ -19,3 +21,4 @@ class QueryPrompt:
 
     input_ids: list[int]
     user_span: tuple[int, int] | None
+    rendered: RenderedInput | None = None  # the conversation as `model.encode` renders it (a wide static branch)

@@ -130,7 +130,7 @@ class NativeRetriever:
             return QueryPrompt(self.tokenizer(text, add_special_tokens=False)["input_ids"], None)
         rendered = renderer.render(list(messages))
         rest = self.tokenizer(text[len(head_text):], add_special_tokens=False)["input_ids"]
-        return QueryPrompt(rendered.input_ids + rest, (rendered.span_start, rendered.span_end))
+        return QueryPrompt(rendered.input_ids + rest, (rendered.span_start, rendered.span_end), rendered)
 
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of the query prompt (see `query_prompt`)."""
@@ -226,7 +226,7 @@ class NativeRetriever:
             query_ids = out.sequences[:, width + lo : width + hi].to(states.device)
             embeddings = self.model.embed_hidden_states(query_states, mask.to(states.device), query_ids).float().cpu()
         embed_s = time.perf_counter() - start
-        user_turn = self._embed_user_turns(states, user_spans, keep, input_ids)
+        user_turn = self._embed_user_turns(states, user_spans, keep, input_ids, prompts)
         user_turn_s = time.perf_counter() - start - embed_s
         new_cache = None
         past = output_cache(out)
@@ -255,7 +255,8 @@ class NativeRetriever:
         return results
 
     def _embed_user_turns(self, states: torch.Tensor, spans: list[tuple[int, int] | None],
-                          keep: int, input_ids: torch.Tensor) -> list[torch.Tensor | None]:
+                          keep: int, input_ids: torch.Tensor,
+                          prompts: Sequence[QueryPrompt]) -> list[torch.Tensor | None]:
         """The head over each row's last user message, from the prompt states kept from position `keep`."""
         rows = [row for row, span in enumerate(spans) if span is not None]
         if not rows:
@@ -266,7 +267,9 @@ class NativeRetriever:
             mask[i, spans[row][0] - lo : spans[row][1] - lo] = 1
         with torch.inference_mode(), head_in_eval(self.model):
             ids = input_ids[rows, lo:hi].to(states.device)
-            embedded = self.model.embed_hidden_states(states[rows, lo - keep : hi - keep], mask, ids).float().cpu()
+            static_ids = self.model.static_ids_of([prompts[row].rendered for row in rows])
+            embedded = self.model.embed_hidden_states(states[rows, lo - keep : hi - keep], mask, ids,
+                                                      static_ids=static_ids).float().cpu()
         out: list[torch.Tensor | None] = [None] * len(spans)
         for i, row in enumerate(rows):
             out[row] = embedded[i]
@@ -318,7 +321,8 @@ class NativeRetriever:
         mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
         with torch.inference_mode(), head_in_eval(self.model):
             span_ids = ids[:, rendered.span_start : rendered.span_start + states.shape[1]].to(states.device)
-            embedding = self.model.embed_hidden_states(states, mask, span_ids)[0].float().cpu()
+            static_ids = self.model.static_ids_of([rendered])
+            embedding = self.model.embed_hidden_states(states, mask, span_ids, static_ids=static_ids)[0].float().cpu()
         past = output_cache(out)
         turn_cache = TurnCache(list(rendered.input_ids), past) if (return_cache and past is not None) else None
         return ConversationEmbedding(embedding, list(rendered.input_ids), rendered.span_start, rendered.span_end,

@@ -27,7 +27,7 @@ from retrieval_head.agent.capture import LayerCapture
 from retrieval_head.agent.results import Hit, TurnCache
 from retrieval_head.agent.retriever import NativeRetriever, head_in_eval
 from retrieval_head.core.kv_cache import output_cache
-from retrieval_head.core.templates import Message, context_length, is_conversation
+from retrieval_head.core.templates import Message, RenderedInput, context_length, is_conversation
 
 DEFAULT_RESULTS = "\n\nSearch results:\n{passages}\n\nAnswer my question using them, briefly."
 """What follows the user's question in the answer prompt ({passages}: numbered passages)."""
@@ -156,7 +156,9 @@ class SearchFirstAgent:
         if cut > start:
             raise ValueError(f"the last user message ({end - start} tokens) does not fit the LM's context of "
                              f"{self.context} with {max_new_tokens} answer tokens and the passages; shorten it")
-        return _Prompt(ids[cut:], (start - cut, end - cut), text, cut)
+        wide = self.model.config.static_span == "conversation" and self.model.head.uses_ids
+        rendered = self.model.renderer.render(list(messages)) if wide else None
+        return _Prompt(ids[cut:], (start - cut, end - cut), text, cut, rendered)
 
     def _passage_budget(self, k: int) -> int:
         """Tokens kept free for the passages: a token holds at least one character, + numbering and template."""
@@ -192,7 +194,8 @@ class SearchFirstAgent:
             span_mask[row, a - keep : b - keep] = 1
         with torch.inference_mode(), head_in_eval(self.model):
             ids = input_ids[:, keep:].to(states.device)
-            embeddings = self.model.embed_hidden_states(states, span_mask, ids).float().cpu()
+            static_ids = self.model.static_ids_of([p.rendered for p in prompts]) if prompts[0].rendered else None
+            embeddings = self.model.embed_hidden_states(states, span_mask, ids, static_ids=static_ids).float().cpu()
         return embeddings, output_cache(out), time.perf_counter() - started
 
     def _search(self, embeddings: torch.Tensor, k: int | None) -> tuple[list[list[Hit]], float]:
@@ -256,6 +259,7 @@ class _Prompt:
     span: tuple[int, int]
     text: str
     cut: int
+    rendered: RenderedInput | None = None  # as `model.encode` renders it, for a conversation-wide static branch
 
 
 def check_k(k: int) -> int:

@@ -19,6 +19,7 @@ MODEL_TYPE = "retrieval_head"
 POOLINGS = ("mean", "last_token")
 HEAD_TYPES = ("linear", "mlp", "transformer")
 TEMPLATES = ("chat", "plain")
+STATIC_SPANS = ("text", "conversation")
 
 
 class HeadFolderError(ValueError):
@@ -90,6 +91,13 @@ class RetrievalHeadConfig(PretrainedConfig):
         metadata={"help": "The static branch also pools the base's own input embeddings of the span's tokens "
                           "(standardised, as hidden_states[0]); read from the base at run time, never stored."},
     )
+    static_span: str = field(
+        default="text",
+        metadata={"help": f"What the static branch pools: one of {STATIC_SPANS}. 'text': the span's ids (for a "
+                          "conversation, the last message); 'conversation': the ids of every message's content "
+                          "(history + question; the system prompt and the template's tags left out), as the "
+                          "teacher reads a dialogue. Plain texts read the same ids either way."},
+    )
     dropout: float = field(default=0.1, metadata={"help": "Dropout inside the head while training."})
     output_dim: int = field(default=384, metadata={"help": "Embedding size; must equal the teacher's."})
     normalize: bool = field(default=True, metadata={"help": "L2-normalise the head's output."})
@@ -152,6 +160,9 @@ class RetrievalHeadConfig(PretrainedConfig):
             raise ValueError(f"RetrievalHeadConfig.static_dim must be >= 0 (0 = none), got {self.static_dim}.")
         if self.static_base_embeddings and not int(self.static_dim):
             raise ValueError("RetrievalHeadConfig.static_base_embeddings needs a static branch: set static_dim > 0.")
+        if self.static_span not in STATIC_SPANS:
+            raise ValueError(f"RetrievalHeadConfig.static_span={self.static_span!r} is not supported; use one of "
+                             f"{STATIC_SPANS}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"RetrievalHeadConfig.dropout must be in [0, 1), got {self.dropout}.")
         if self.base_num_layers is not None:

@@ -39,6 +39,7 @@ class ProjectionHead(nn.Module):
         self.dropout = config.dropout
         self.quantized_to: str | None = None
         self._packed: PackedLayers | None = None
+        self._fused: tuple[tuple, torch.Tensor] | None = None  # (parameter key, [W_last | W_static]) at inference
         self._input_embeddings: tuple[nn.Module, ...] = ()  # a tuple: the base's module, not registered here
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)
@@ -50,8 +51,8 @@ class ProjectionHead(nn.Module):
 
     @staticmethod
     def _drop_packed(module: nn.Module, incompatible_keys: object) -> None:
-        """New weights were loaded: pack them again on the next quantized call."""
-        module._packed = None
+        """New weights were loaded: pack (and fuse) them again on the next inference call."""
+        module._packed = module._fused = None
 
     def _build(self, config: RetrievalHeadConfig, hidden_size: int) -> None:
         if config.head_type == "linear":
@@ -102,12 +103,15 @@ class ProjectionHead(nn.Module):
     def static_pool(self, span_ids: torch.Tensor) -> torch.Tensor:
         """The static branch's pooled input: mean over each row's ids (-1 = padding) of the table's rows,
         followed, with `static_base_embeddings`, by the mean of the base's standardised input embeddings."""
+        if not self.config.static_base_embeddings and span_ids.numel() and int(span_ids.min()) >= 0:
+            return F.embedding(span_ids, self.static.weight).mean(1)  # no padding (the agent's batch of one)
         valid = span_ids >= 0
-        weights = valid.unsqueeze(-1) / valid.sum(1, keepdim=True).clamp_min(1).unsqueeze(-1)
-        ids = span_ids.clamp_min(0)
-        pooled = (self.static(ids) * weights).sum(1)
+        counts = valid.sum(1)  # -1 padded rows: the valid ids, flat, with each row's offset (empty rows pool to 0)
+        pooled = F.embedding_bag(span_ids[valid], self.static.weight, counts.cumsum(0) - counts, mode="mean")
         if not self.config.static_base_embeddings:
             return pooled
+        weights = valid.unsqueeze(-1) / counts.view(-1, 1, 1).clamp_min(1)
+        ids = span_ids.clamp_min(0)
         if not self._input_embeddings:
             raise ValueError("this head's static branch reads the base's input embeddings "
                              "(static_base_embeddings): attach it to its base with get_retrieval_model(), or call "
@@ -139,6 +143,8 @@ class ProjectionHead(nn.Module):
         if self.token_level:
             tokens = self.encoder(self.token_in(features), src_key_padding_mask=~mask.bool())
             out = self.project(pool(tokens, mask, self.pooling))
+        elif self.static is not None and span_ids is not None and self._fuses(features):
+            return self._normalized(self._fused_static(features, self.static_pool(span_ids.to(features.device))))
         else:
             packed = self._packed_layers(features) if self.quantized_to else None
             if packed is not None:
@@ -157,9 +163,28 @@ class ProjectionHead(nn.Module):
                                  "call head(states, mask, input_ids) or RetrievalModel.embed_hidden_states(..., "
                                  "input_ids=...)")
             out = out + self.static_embedding(span_ids.to(out.device))
+        return self._normalized(out)
+
+    def _normalized(self, out: torch.Tensor) -> torch.Tensor:
         if not self.normalize:
             return out
         return out / torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min(1e-12)  # = F.normalize, leaner
+
+    def _fuses(self, features: torch.Tensor) -> bool:
+        """Inference with fp32 weights on the CPU: the static branch's map joins the last dense layer."""
+        return not (self.training or self.quantized_to or torch.is_grad_enabled() or features.device.type != "cpu")
+
+    def _fused_static(self, features: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+        """The dense layers and the static map as one product at the end: `[W_last | W_static] @ [h; static]`
+        (the same sum, one op fewer at batch 1, where dispatch is most of the time)."""
+        last, static_out = self._dense[-1], self.static_out
+        key = tuple((w.data_ptr(), -1 if w.is_inference() else w._version) for w in (last.weight, static_out.weight))
+        if self._fused is None or self._fused[0] != key:
+            self._fused = (key, torch.cat([last.weight.detach(), static_out.weight.detach()], dim=1).contiguous())
+        out = features
+        for layer in self._dense[:-1]:
+            out = F.gelu(F.linear(out, layer.weight, layer.bias))
+        return F.linear(torch.cat([out, static], dim=-1), self._fused[1], last.bias)
 
     def quantize(self, dtype: str | None = "float16") -> ProjectionHead:
         """Run inference with the dense layers' weights in `dtype` ("float16" or "int8"); None: fp32 again.
@@ -201,8 +226,11 @@ class ProjectionHead(nn.Module):
             self._packed = PackedLayers(self._dense, self.quantized_to)
         return self._packed
 
-    def forward(self, states: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor | None = None,
+                static_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings [B, output_dim] (fp32) for token states [B, T, H] and a span mask [B, T] (and the token ids
-        [B, T] of those positions, which a static branch reads)."""
-        ids = self.span_ids(input_ids, mask) if input_ids is not None and self.static is not None else None
-        return self.project_features(self.features(states, mask), mask, ids)
+        [B, T] of those positions, which a static branch reads). `static_ids` [B, L] (-1 padded) give the static
+        branch other ids than the span's: a conversation-wide branch reads the whole dialogue's."""
+        if static_ids is None and input_ids is not None and self.static is not None:
+            static_ids = self.span_ids(input_ids, mask)
+        return self.project_features(self.features(states, mask), mask, static_ids)

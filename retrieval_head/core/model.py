@@ -17,7 +17,7 @@ from retrieval_head.core.config import RetrievalHeadConfig
 from retrieval_head.core.encode import encode
 from retrieval_head.core.head import ProjectionHead
 from retrieval_head.core.layer_states import hidden_states_at
-from retrieval_head.core.templates import EncodeInput, QueryRenderer, context_length
+from retrieval_head.core.templates import EncodeInput, QueryRenderer, RenderedInput, context_length
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,13 @@ class RetrievalModel(nn.Module, PushToHubMixin):
                                     **kwargs)[self.layer_index]
 
     def embed_hidden_states(self, hidden_states: torch.Tensor, span_mask: torch.Tensor,
-                            input_ids: torch.Tensor | None = None) -> torch.Tensor:
+                            input_ids: torch.Tensor | None = None, static_mask: torch.Tensor | None = None,
+                            static_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings from states the base already computed ([B, T, H] at the head's layer) over a span mask.
 
-        `input_ids` [B, T] are the token ids at those positions: a head with a static branch reads them.
+        `input_ids` [B, T] are the token ids at those positions: a head with a static branch reads them, over
+        `static_mask` [B, T] where given (a conversation-wide branch: `renderer.collate` makes it), else over the
+        span; or give the branch's ids directly as `static_ids` [B, L] (-1 padded).
         With an encode adapter the states must be computed with it on (`layer_states`), not by `generate`.
         """
         if span_mask.shape != hidden_states.shape[:2]:
@@ -104,18 +107,39 @@ class RetrievalModel(nn.Module, PushToHubMixin):
             raise ValueError(f"input_ids {tuple(input_ids.shape)} does not match span_mask {tuple(span_mask.shape)}.")
         if input_ids is not None:
             input_ids = input_ids.to(self.head_device)
-        return self.head(hidden_states.to(self.head_device), span_mask.to(self.head_device), input_ids)
+            if static_mask is not None and static_ids is None and self.head.uses_ids:
+                if static_mask.shape != input_ids.shape:
+                    raise ValueError(f"static_mask {tuple(static_mask.shape)} does not match input_ids "
+                                     f"{tuple(input_ids.shape)}.")
+                static_ids = self.head.span_ids(input_ids, static_mask.to(self.head_device))
+        if static_ids is not None:
+            static_ids = static_ids.to(self.head_device)
+        return self.head(hidden_states.to(self.head_device), span_mask.to(self.head_device), input_ids, static_ids)
+
+    def static_ids_of(self, rendered: Sequence[RenderedInput]) -> torch.Tensor | None:
+        """The static branch's ids ([B, L], -1 padded) of rendered inputs whose states were computed elsewhere
+        (the agent's prefill), when the head pools the whole conversation; None: the branch reads the span's."""
+        if not self.head.uses_ids or self.config.static_span != "conversation":
+            return None
+        rows = [r.static_ids() for r in rendered]
+        out = torch.full((len(rows), max([len(r) for r in rows] + [1])), -1, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return out.to(self.head_device)
 
     @property
     def head_device(self) -> torch.device:
         return next(self.head.parameters()).device
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, span_mask: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, span_mask: torch.Tensor | None = None,
+        static_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Embeddings [B, output_dim] for tokenized input; the span defaults to every attended token."""
+        """Embeddings [B, output_dim] for tokenized input; the span defaults to every attended token (the
+        static branch's `static_mask`, from `renderer.collate`, to the span)."""
         states = self.layer_states(input_ids, attention_mask)
-        return self.embed_hidden_states(states, attention_mask if span_mask is None else span_mask, input_ids)
+        return self.embed_hidden_states(states, attention_mask if span_mask is None else span_mask, input_ids,
+                                        static_mask)
 
     def embed(self, items: Sequence[EncodeInput], prompt: str = "") -> torch.Tensor:
         """Embeddings for a batch of texts or conversations, rendered with the head's template."""

@@ -21,11 +21,21 @@ EncodeInput = str | Sequence[Message]
 
 @dataclass(frozen=True)
 class RenderedInput:
-    """Token ids of one input (cut at the span's end) and the span `[start, end)` of its text."""
+    """Token ids of one input (cut at the span's end) and the span `[start, end)` of its text.
+
+    `static_ranges` are the token ranges a conversation-wide static branch reads (every message's content, the
+    span last); empty: the span.
+    """
 
     input_ids: list[int]
     span_start: int
     span_end: int
+    static_ranges: tuple[tuple[int, int], ...] = ()
+
+    def static_ids(self) -> list[int]:
+        """The token ids the static branch pools: those of `static_ranges`, else of the span."""
+        ranges = self.static_ranges or ((self.span_start, self.span_end),)
+        return [t for a, b in ranges for t in self.input_ids[a:b]]
 
 
 def is_conversation(item: Any) -> bool:
@@ -106,10 +116,33 @@ class QueryRenderer:
             start = len(text) - len(content)
         return text[: start + len(content)], start, start + len(content)
 
+    def content_ranges(self, item: EncodeInput, prompt: str, text: str) -> list[tuple[int, int]]:
+        """Character ranges in `text` (from `render_text`) of every message's content before the last one,
+        system messages left out: what a conversation-wide static branch reads besides the span."""
+        conversation = self.messages(item, prompt)[:-1]
+        ranges, position = [], 0
+        for i, message in enumerate(conversation):
+            if self.config.query_template == "chat":
+                end = len(self.tokenizer.apply_chat_template(conversation[: i + 1], tokenize=False))
+                content = message["content"].strip()
+                start = text.rfind(content, position, end) if content else -1
+                if start >= 0:
+                    position = start + len(content)
+            else:
+                line = f"{message['role']}: {message['content']}"
+                start, position = position + len(message["role"]) + 2, position + len(line) + 1
+                content = message["content"]
+            if message["role"] != "system" and start >= 0 and content:
+                ranges.append((start, start + len(content)))
+        return ranges
+
     def render(self, item: EncodeInput, prompt: str = "") -> RenderedInput:
         """Token ids and token span of one input, truncated to `max_length` (history dropped first)."""
         text, char_start, char_end = self.render_text(item, prompt)
-        ids, start, end = self._tokenize_with_span(text, char_start, char_end)
+        conversation_wide = self.config.static_span == "conversation" and not isinstance(item, str)
+        history = self.content_ranges(item, prompt, text) if conversation_wide else []
+        ids, token_ranges = self._tokenize_with_ranges(text, [(char_start, char_end), *history])
+        (start, end), history_tokens = token_ranges[0], token_ranges[1:]
         if not ids:  # an empty plain text: read one special token, as an empty sentence reads [CLS]
             ids = [next(t for t in self._special_ids() if t is not None)]
             start, end = 0, 1
@@ -120,26 +153,37 @@ class QueryRenderer:
         start, end = start - first, end - first
         if start >= end:  # empty text: read the state of the token just before it
             start = end - 1
-        return RenderedInput(ids, start, end)
+        static = ()
+        if conversation_wide:
+            kept = [(max(a - first, 0), min(b - first, start)) for a, b in history_tokens]
+            static = (*[(a, b) for a, b in kept if a < b], (start, end))
+        return RenderedInput(ids, start, end, static)
 
     def _special_ids(self) -> tuple[int | None, ...]:
         tok = self.tokenizer
         return tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, 0
 
-    def _tokenize_with_span(self, text: str, char_start: int, char_end: int) -> tuple[list[int], int, int]:
+    def _tokenize_with_ranges(
+        self, text: str, char_ranges: Sequence[tuple[int, int]]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` and the token range of each character range (the span first). A slow tokenizer
+        gives the span alone (it has no offsets)."""
+        char_start, char_end = char_ranges[0]
         if getattr(self.tokenizer, "is_fast", False):
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids, offsets = enc["input_ids"], enc["offset_mapping"]
-            inside = [i for i, (a, b) in enumerate(offsets) if b > char_start and a < char_end and b > a]
-            if inside:
-                return ids, inside[0], inside[-1] + 1
-            return ids, len(ids), len(ids)
+            ranges = []
+            for lo, hi in char_ranges:
+                inside = [i for i, (a, b) in enumerate(offsets) if b > lo and a < hi and b > a]
+                ranges.append((inside[0], inside[-1] + 1) if inside else (len(ids), len(ids)))
+            return ids, ranges
         prefix = self.tokenizer(text[:char_start], add_special_tokens=False)["input_ids"]
         body = self.tokenizer(text[char_start:char_end], add_special_tokens=False)["input_ids"]
-        return prefix + body, len(prefix), len(prefix) + len(body)
+        return prefix + body, [(len(prefix), len(prefix) + len(body))]
 
     def collate(self, rendered: Sequence[RenderedInput], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Right-padded `input_ids`, `attention_mask` and `span_mask` (positions stay those of each input alone)."""
+        """Right-padded `input_ids`, `attention_mask` and `span_mask` (positions stay those of each input alone),
+        and `static_mask` where an input has `static_ranges` (a conversation-wide static branch)."""
         length = max(len(r.input_ids) for r in rendered)
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
@@ -151,5 +195,12 @@ class QueryRenderer:
             input_ids[row, : len(r.input_ids)] = torch.tensor(r.input_ids, dtype=torch.long)
             attention_mask[row, : len(r.input_ids)] = 1
             span_mask[row, r.span_start : r.span_end] = 1
-        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-                "span_mask": span_mask.to(device)}
+        batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+                 "span_mask": span_mask.to(device)}
+        if any(r.static_ranges for r in rendered):
+            static_mask = span_mask.clone()
+            for row, r in enumerate(rendered):
+                for a, b in r.static_ranges:
+                    static_mask[row, a:b] = 1
+            batch["static_mask"] = static_mask.to(device)
+        return batch

@@ -145,8 +145,10 @@ class RetrievalHeadPooling(Module):
         embeddings = features.pop("input_embeddings_module", None)
         if embeddings is not None:
             self.head.tie_input_embeddings(embeddings)
+        static_mask = features.get("static_mask") if ids is not None else None
+        static_ids = None if static_mask is None else self.head.span_ids(ids.to(device), static_mask.to(device))
         features["sentence_embedding"] = self.head(states.to(device), features["span_mask"].to(device),
-                                                   None if ids is None else ids.to(device))
+                                                   None if ids is None else ids.to(device), static_ids)
         return features
 
     def get_sentence_embedding_dimension(self) -> int:

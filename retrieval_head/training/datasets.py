@@ -30,7 +30,7 @@ from retrieval_head.io.tensor_cache import TensorCache
 from retrieval_head.retrieval.data import RetrievalDataset, load_dataset_folder
 from retrieval_head.retrieval.fingerprint import TeacherFingerprint
 from retrieval_head.retrieval.teacher import teacher_embeddings, teacher_max_tokens, teacher_query_text, teacher_top_k
-from retrieval_head.training.features import cached_features, feature_key
+from retrieval_head.training.features import cached_features, feature_key, with_static_ids
 from retrieval_head.training.recipe import Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
@@ -275,8 +275,9 @@ def build_training_data(
     sources: list[Source] = []
 
     def features_of(items: list[Any]) -> dict[str, torch.Tensor]:
-        return cached_features(model, items, cache, f.layers, f.poolings, f.token_layer,
-                               batch_size=f.batch_size, show_progress_bar=show_progress_bar)
+        features = cached_features(model, items, cache, f.layers, f.poolings, f.token_layer,
+                                   batch_size=f.batch_size, show_progress_bar=show_progress_bar)
+        return with_static_ids(model, items, features)
 
     def teacher_of(texts: list[str], kind: str = "query") -> torch.Tensor:
         return teacher_embeddings(teacher, texts, cache, fingerprint, kind, recipe.teacher.batch_size,

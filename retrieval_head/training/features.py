@@ -178,6 +178,24 @@ def cached_features(
     return concat_shards([_checked(entry.load(n), n, entry.folder, len(c)) for n, c in zip(names, chunks, strict=True)])
 
 
+def with_static_ids(model: RetrievalModel, items: Sequence[EncodeInput],
+                    features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`features` whose `span_ids` are what the head's static branch reads: for a conversation-wide branch
+    (`static_span="conversation"`), each conversation's message ids, found by tokenizing (no LM pass); texts and
+    a span-only branch keep the cached span ids."""
+    if model.config.static_span != "conversation" or "span_ids" not in features:
+        return features
+    renderer, ids, starts = model.renderer, features["span_ids"], features["span_offsets"]
+    pieces = [ids[starts[i] : starts[i + 1]] if isinstance(item, str)
+              else torch.tensor(renderer.render(item).static_ids(), dtype=torch.int32)
+              for i, item in enumerate(items)]
+    lengths = torch.tensor([p.shape[0] for p in pieces], dtype=torch.long)
+    out = dict(features)
+    out["span_ids"] = torch.cat(pieces) if pieces else ids[:0]
+    out["span_offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    return out
+
+
 def feature_settings_key(model: RetrievalModel, layers: Sequence[int], poolings: Sequence[str],
                          token_layer: int | None, prompt: str, autocast: str) -> str:
     """Everything the features depend on but the texts: base (+ adapter) id and revision, template, layers..."""

@@ -62,6 +62,7 @@ class HeadSpec:
     dropout: float = 0.1
     static_dim: int = 256  # width of the static (lexical) branch over the span's LM token ids; 0 = none (dev: E38)
     static_base_embeddings: bool = False  # the branch also pools the base's input embeddings of those ids
+    static_span: str = "text"  # text | conversation: the branch pools the last message's ids or the whole dialogue's
     output_dim: int | None = None  # None: the teacher's dim; a set value must equal it
     normalize: bool = True
     query_template: str = "chat"

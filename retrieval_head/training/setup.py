@@ -50,7 +50,7 @@ def head_config(recipe: Recipe, fingerprint: TeacherFingerprint, layer: int | No
         layer=h.layer if layer is None else layer, pooling=h.pooling if pooling is None else pooling,
         head_type=h.head_type, inner_dim=h.inner_dim, num_head_layers=h.num_head_layers,
         num_attention_heads=h.num_attention_heads, dropout=h.dropout, static_dim=h.static_dim,
-        static_base_embeddings=h.static_base_embeddings,
+        static_base_embeddings=h.static_base_embeddings, static_span=h.static_span,
         output_dim=check_teacher_dim(recipe, fingerprint),
         normalize=h.normalize, seed=recipe.train.seed, query_template=h.query_template, system_prompt=h.system_prompt,
         max_length=h.max_length, teacher=fingerprint.to_dict(),

@@ -22,9 +22,11 @@ SHORT = [{"role": "user", "content": "where can I park my car"}]
 FINGERPRINT = TeacherFingerprint("tiny-teacher", None, DIM, "cosine", True, "a" * 64)
 
 
-def make_model(arch: str = "llama", layer: int = 2, head_type: str = "mlp", teacher=FINGERPRINT, static_dim: int = 0):
+def make_model(arch: str = "llama", layer: int = 2, head_type: str = "mlp", teacher=FINGERPRINT, static_dim: int = 0,
+               static_span: str = "text"):
     config = RetrievalHeadConfig(layer=layer, output_dim=DIM, inner_dim=32, head_type=head_type, num_attention_heads=4,
-                                 teacher=teacher.to_dict() if teacher else None, static_dim=static_dim)
+                                 teacher=teacher.to_dict() if teacher else None, static_dim=static_dim,
+                                 static_span=static_span)
     model = get_retrieval_model(tiny_causal_lm(arch), config, tokenizer=tiny_tokenizer())
     if static_dim:  # a fresh branch adds zero: give it weights, so the tests see the ids it reads
         torch.nn.init.normal_(model.head.static_out.weight, generator=torch.Generator().manual_seed(5))

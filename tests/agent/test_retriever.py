@@ -195,3 +195,17 @@ def test_a_static_branch_head_reads_the_ids_generate_already_has():
     assert (got - expected).abs().max().item() < 1e-5
     batch = agent.generate_and_search([SHORT, CONV], max_new_tokens=4, **NO_SPECIALS)
     assert (batch[0].user_turn_embedding - torch.as_tensor(model.encode(SHORT))).abs().max().item() < 1e-4
+
+
+def test_a_conversation_wide_static_branch_reads_the_whole_dialogue_in_every_agent_path():
+    model = make_model(static_dim=8, static_span="conversation")
+    narrow = make_model(static_dim=8)
+    agent = NativeRetriever(model, make_index(), instruction="Search query between {open} and {close}.")
+    expected = torch.as_tensor(model.encode(CONV))
+    assert (expected - torch.as_tensor(narrow.encode(CONV))).abs().max().item() > 1e-3  # the history's ids count
+    result = agent.generate_and_search(CONV, max_new_tokens=5, **NO_SPECIALS)
+    assert (result.user_turn_embedding - expected).abs().max().item() < 1e-4
+    assert (agent.embed_conversation(CONV).embedding - expected).abs().max().item() < 1e-5
+    batch = agent.generate_and_search([SHORT, CONV], max_new_tokens=4, **NO_SPECIALS)
+    assert (batch[0].user_turn_embedding - torch.as_tensor(model.encode(SHORT))).abs().max().item() < 1e-4
+    assert (batch[1].user_turn_embedding - expected).abs().max().item() < 1e-4

@@ -163,3 +163,13 @@ def test_embedded_smollm2_search_first_turn_answers_from_its_one_prefill(embedde
     assert result.answer.strip() and len(result.passages) == 2
     assert result.tokens["forward_passes"] == 1 + result.tokens["answer"]
     assert result.tokens["dialogue"] == len(model.renderer.render(conversation).input_ids)
+
+
+def test_a_conversation_wide_static_branch_embeds_like_encode_alone_and_in_a_batch():
+    model = make_model(static_dim=8, static_span="conversation")
+    agent = SearchFirstAgent(NativeRetriever(model, make_index()), DOCS, k=2, passage_chars=40)
+    expected = torch.as_tensor(model.encode(CONV))
+    assert torch.allclose(agent.turn(CONV, max_new_tokens=2, **NO_SPECIALS).embedding, expected, atol=1e-5)
+    both = agent.turns([SHORT, CONV], max_new_tokens=2, **NO_SPECIALS)
+    assert torch.allclose(both[1].embedding, expected, atol=1e-5)
+    assert torch.allclose(both[0].embedding, torch.as_tensor(model.encode(SHORT)), atol=1e-5)

@@ -144,3 +144,8 @@ def test_from_json_file_with_a_bad_value_names_file_and_field(tmp_path, key: str
     with pytest.raises(ValueError, match=rf"RetrievalHeadConfig\.{key}\b") as info:
         RetrievalHeadConfig.from_json_file(path)
     assert str(path) in str(info.value)
+
+
+def test_static_span_is_checked() -> None:
+    with pytest.raises(ValueError, match="static_span='dialogue'.*'conversation'"):
+        RetrievalHeadConfig(static_span="dialogue")

@@ -252,3 +252,35 @@ def test_a_base_embedding_view_pools_the_bases_own_token_vectors_and_is_never_sa
 def test_a_base_embedding_view_needs_a_static_branch() -> None:
     with pytest.raises(ValueError, match="static_dim > 0"):
         small_config(static_base_embeddings=True)
+
+
+def test_static_ids_replace_the_span_ids_and_padded_rows_pool_their_valid_ids() -> None:
+    states, mask = states_and_mask()
+    ids = torch.randint(0, 50, mask.shape, generator=torch.Generator().manual_seed(0))
+    head = static_head()
+    wide = torch.tensor([[3, 4, 5, -1], [7, -1, -1, -1], [1, 2, 3, 4]])
+    out = head(states, mask, ids, static_ids=wide)
+    expected_pool = torch.stack([head.static.weight[[3, 4, 5]].mean(0), head.static.weight[7],
+                                 head.static.weight[[1, 2, 3, 4]].mean(0)])
+    assert torch.allclose(head.static_pool(wide), expected_pool, atol=1e-6)
+    assert torch.allclose(out, head(states, mask, None, static_ids=wide), atol=1e-6)  # the span's ids are not read
+    assert not torch.allclose(out, head(states, mask, ids), atol=1e-3)
+    assert torch.allclose(head.static_pool(torch.full((1, 3), -1)), torch.zeros(1, 4))  # an empty row adds nothing
+
+
+@pytest.mark.parametrize("head_type", ["mlp", "linear"])
+def test_the_fused_inference_path_equals_the_layer_by_layer_one_and_follows_new_weights(head_type: str) -> None:
+    states, mask = states_and_mask()
+    ids = torch.randint(0, 50, mask.shape, generator=torch.Generator().manual_seed(0))
+    head = static_head(head_type=head_type)
+    with torch.enable_grad():
+        layered = head(states, mask, ids)  # gradients wanted: the layer-by-layer path
+    with torch.inference_mode():
+        fused = head(states, mask, ids)
+    assert head._fused is not None and torch.allclose(fused, layered, atol=1e-6)
+    with torch.no_grad():
+        head.static_out.weight.mul_(-1)  # an in-place update must reach the fused matrix
+        flipped = head(states, mask, ids)
+    with torch.enable_grad():
+        assert torch.allclose(flipped, head(states, mask, ids), atol=1e-6)
+    assert not torch.allclose(flipped, fused, atol=1e-3)

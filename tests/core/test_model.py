@@ -157,3 +157,30 @@ def test_sentence_transformers_helpers() -> None:
     sim = model.similarity(a, a)
     assert sim.shape == (2, 2) and torch.allclose(sim.diagonal(), torch.ones(2), atol=1e-5)
     assert model.num_head_parameters() == sum(p.numel() for p in model.head.parameters())
+
+
+CONVERSATION = [{"role": "user", "content": "is there a hotel near the restaurant"},
+                {"role": "assistant", "content": "yes the guest house is near"},
+                {"role": "user", "content": "do they allow pets"}]
+
+
+def test_a_conversation_wide_static_branch_reads_the_whole_dialogue_and_texts_as_before() -> None:
+    wide = make_model(static_dim=4, static_span="conversation")
+    narrow = make_model(static_dim=4)
+    narrow.head.load_state_dict(wide.head.state_dict())
+    torch.nn.init.normal_(wide.head.static_out.weight, generator=torch.Generator().manual_seed(1))
+    narrow.head.static_out.weight.data.copy_(wide.head.static_out.weight)
+    with torch.inference_mode():
+        texts = [wide.encode(TEXTS, convert_to_tensor=True), narrow.encode(TEXTS, convert_to_tensor=True)]
+        dialogue = [wide.encode(CONVERSATION, convert_to_tensor=True),
+                    narrow.encode(CONVERSATION, convert_to_tensor=True)]
+        rendered = wide.renderer.render(CONVERSATION)
+        ids = torch.tensor([rendered.input_ids])
+        states = wide.layer_states(ids, torch.ones_like(ids))
+        span = torch.zeros_like(ids)
+        span[0, rendered.span_start : rendered.span_end] = 1
+        by_hand = wide.embed_hidden_states(states, span, static_ids=torch.tensor([rendered.static_ids()]))[0]
+    assert torch.allclose(texts[0], texts[1], atol=1e-6)  # a text reads its own ids in either mode
+    assert not torch.allclose(dialogue[0], dialogue[1], atol=1e-3)
+    assert torch.allclose(dialogue[0], by_hand, atol=1e-5)
+    assert len(rendered.static_ids()) > rendered.span_end - rendered.span_start

@@ -155,3 +155,57 @@ def test_collate_right_pads_and_marks_spans() -> None:
         assert batch["attention_mask"][row].tolist() == [1] * lengths[row] + [0] * (max(lengths) - lengths[row])
         assert batch["span_mask"][row].nonzero().flatten().tolist() == list(range(x.span_start, x.span_end))
         assert (batch["input_ids"][row, lengths[row]:] == r.tokenizer.pad_token_id).all()
+
+
+def ranges_text(r: QueryRenderer, rendered) -> list[str]:
+    return [r.tokenizer.decode(rendered.input_ids[a:b]) for a, b in rendered.static_ranges]
+
+
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_conversation_wide_static_span_covers_every_message_content(template: str) -> None:
+    r = renderer(query_template=template, static_span="conversation", system_prompt="Be brief.")
+    rendered = r.render(CONVERSATION)
+    assert ranges_text(r, rendered) == [m["content"] for m in CONVERSATION]  # the system prompt left out
+    assert rendered.static_ranges[-1] == (rendered.span_start, rendered.span_end)
+    ids = [t for a, b in rendered.static_ranges for t in rendered.input_ids[a:b]]
+    assert rendered.static_ids() == ids
+    assert r.render("where can I park").static_ranges == ()  # a text reads its span either way
+
+
+def test_text_static_span_reads_the_span_only() -> None:
+    r = renderer()
+    rendered = r.render(CONVERSATION)
+    assert rendered.static_ranges == ()
+    assert rendered.static_ids() == rendered.input_ids[rendered.span_start : rendered.span_end]
+
+
+def test_conversation_wide_static_span_repeated_content_finds_each_message() -> None:
+    r = renderer(static_span="conversation")
+    conversation = [{"role": "user", "content": "pets"}, {"role": "assistant", "content": "pets"},
+                    {"role": "user", "content": "pets"}]
+    rendered = r.render(conversation)
+    starts = [a for a, _ in rendered.static_ranges]
+    assert len(starts) == 3 and starts == sorted(set(starts))
+
+
+def test_conversation_wide_static_span_is_cut_with_the_history() -> None:
+    long_history = [{"role": "user", "content": "the restaurant serves vegetarian food " * 20},
+                    {"role": "assistant", "content": "yes the guest house is near"}]
+    conversation = [*long_history, {"role": "user", "content": "do they allow pets"}]
+    full = renderer(static_span="conversation", max_length=4096).render(conversation)
+    rendered = renderer(static_span="conversation", max_length=24).render(conversation)
+    first = len(full.input_ids) - 24
+    assert rendered.input_ids == full.input_ids[first:]
+    assert rendered.static_ranges == tuple((max(a - first, 0), b - first) for a, b in full.static_ranges
+                                           if b > first)
+    assert len(rendered.static_ranges) < len(full.static_ranges)  # the first message fell out with the history
+
+
+def test_collate_marks_the_static_ranges() -> None:
+    r = renderer(static_span="conversation")
+    rendered = [r.render("hi"), r.render(CONVERSATION)]
+    batch = r.collate(rendered)
+    assert batch["static_mask"][0].tolist() == batch["span_mask"][0].tolist()
+    marked = batch["static_mask"][1].nonzero().flatten().tolist()
+    assert marked == [i for a, b in rendered[1].static_ranges for i in range(a, b)]
+    assert "static_mask" not in renderer().collate(rendered[:1])

@@ -175,3 +175,18 @@ def test_similarity_follows_the_teachers_function(base_dir: Path, tmp_path: Path
     assert torch.allclose(model.similarity_pairwise(a, b[:2]), (a * b[:2]).sum(-1), atol=1e-5)
     hits = util.semantic_search(a, b, top_k=2, score_function=util.dot_score)
     assert [h["corpus_id"] for h in hits[0]] == model.similarity(a[:1], b)[0].argsort(descending=True)[:2].tolist()
+
+
+def test_a_conversation_wide_static_branch_gives_the_same_vectors(base_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    base, tokenizer = load_base(str(base_dir))
+    config = RetrievalHeadConfig(output_dim=16, inner_dim=32, static_dim=4, static_span="conversation")
+    model = get_retrieval_model(base, config, tokenizer=tokenizer)
+    torch.nn.init.normal_(model.head.static_out.weight, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path)
+    again = RetrievalModel.from_pretrained(tmp_path)
+    assert again.config.static_span == "conversation"
+    assert_same(load_sentence_transformer(tmp_path).encode(CONVERSATIONS), model.encode(CONVERSATIONS))
+    assert_same(again.encode(CONVERSATIONS), model.encode(CONVERSATIONS))
+    assert_same(load_sentence_transformer(tmp_path).encode(TEXTS), model.encode(TEXTS))

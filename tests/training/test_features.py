@@ -101,3 +101,23 @@ def test_bfloat16_autocast_is_close_and_an_unknown_precision_is_refused() -> Non
     assert torch.nn.functional.cosine_similarity(fp32, bf16).min() > 0.95
     with pytest.raises(ValueError, match="autocast"):
         extract_features(model, TEXTS[:3], [2], show_progress_bar=False, autocast="int4")
+
+
+def test_a_conversation_wide_static_branch_trains_on_the_dialogues_ids_and_keeps_the_cache(tmp_path: Path) -> None:
+    from retrieval_head.training.features import with_static_ids
+
+    narrow = make_model(static_dim=4)
+    wide = make_model(static_dim=4, static_span="conversation")
+    cached = cached_features(narrow, TEXTS, TensorCache(tmp_path), layers=[2], show_progress_bar=False)
+    again = cached_features(wide, TEXTS, TensorCache(tmp_path), layers=[2], show_progress_bar=False)
+    assert torch.equal(again["mean.L2"], cached["mean.L2"])  # the LM features do not depend on the branch's span
+    assert with_static_ids(narrow, TEXTS, cached) is cached
+    out = with_static_ids(wide, TEXTS, cached)
+    offsets = out["span_offsets"]
+    rows = [out["span_ids"][offsets[i] : offsets[i + 1]].tolist() for i in range(len(TEXTS))]
+    for i, item in enumerate(TEXTS):
+        rendered = wide.renderer.render(item)
+        assert rows[i] == rendered.static_ids()
+        if isinstance(item, str):
+            assert rows[i] == cached["span_ids"][cached["span_offsets"][i] : cached["span_offsets"][i + 1]].tolist()
+    assert len(rows[-1]) > cached["span_offsets"][-1] - cached["span_offsets"][-2]  # the history's ids too
