@@ -100,10 +100,13 @@ class ProjectionHead(nn.Module):
         """Give the static branch the base's input-embedding module (`base.get_input_embeddings()`) to read."""
         self._input_embeddings = (embeddings,)
 
-    def static_pool(self, span_ids: torch.Tensor) -> torch.Tensor:
+    def static_pool(self, span_ids: torch.Tensor, padded: bool | None = None) -> torch.Tensor:
         """The static branch's pooled input: mean over each row's ids (-1 = padding) of the table's rows,
-        followed, with `static_base_embeddings`, by the mean of the base's standardised input embeddings."""
-        if not self.config.static_base_embeddings and span_ids.numel() and int(span_ids.min()) >= 0:
+        followed, with `static_base_embeddings`, by the mean of the base's standardised input embeddings.
+        `padded=False` says that no id is -1 (the check is then skipped); None: look."""
+        if padded is None:
+            padded = not span_ids.numel() or int(span_ids.min()) < 0
+        if not (self.config.static_base_embeddings or padded):
             return F.embedding(span_ids, self.static.weight).mean(1)  # no padding (the agent's batch of one)
         valid = span_ids >= 0
         counts = valid.sum(1)  # -1 padded rows: the valid ids, flat, with each row's offset (empty rows pool to 0)
@@ -122,10 +125,6 @@ class ProjectionHead(nn.Module):
         vectors = F.layer_norm(vectors, vectors.shape[-1:])
         return torch.cat([pooled, (vectors * weights).sum(1)], dim=-1)
 
-    def static_embedding(self, span_ids: torch.Tensor) -> torch.Tensor:
-        """The static branch's output [B, output_dim]: `static_pool` mapped to the teacher's space."""
-        return F.linear(self.static_pool(span_ids), self.static_out.weight)
-
     @property
     def token_level(self) -> bool:
         """Whether the head needs every token's state (transformer) rather than a pooled vector."""
@@ -137,14 +136,15 @@ class ProjectionHead(nn.Module):
         return states if self.token_level else pool(states, mask, self.pooling)
 
     def project_features(self, features: torch.Tensor, mask: torch.Tensor | None = None,
-                         span_ids: torch.Tensor | None = None) -> torch.Tensor:
+                         span_ids: torch.Tensor | None = None, ids_padded: bool | None = None) -> torch.Tensor:
         """Map `features()` output (and, for a static branch, `span_ids` [B, L], -1 padded) to embeddings
-        (L2-normalised when the config says so)."""
+        (L2-normalised when the config says so). `ids_padded=False` says that no span id is -1."""
         if self.token_level:
             tokens = self.encoder(self.token_in(features), src_key_padding_mask=~mask.bool())
             out = self.project(pool(tokens, mask, self.pooling))
         elif self.static is not None and span_ids is not None and self._fuses(features):
-            return self._normalized(self._fused_static(features, self.static_pool(span_ids.to(features.device))))
+            static = self.static_pool(span_ids.to(features.device), ids_padded)
+            return self._normalized(self._fused_static(features, static))
         else:
             packed = self._packed_layers(features) if self.quantized_to else None
             if packed is not None:
@@ -162,13 +162,16 @@ class ProjectionHead(nn.Module):
                 raise ValueError("this head has a static branch (static_dim > 0): it needs the span's token ids; "
                                  "call head(states, mask, input_ids) or RetrievalModel.embed_hidden_states(..., "
                                  "input_ids=...)")
-            out = out + self.static_embedding(span_ids.to(out.device))
+            out = out + F.linear(self.static_pool(span_ids.to(out.device), ids_padded), self.static_out.weight)
         return self._normalized(out)
 
     def _normalized(self, out: torch.Tensor) -> torch.Tensor:
         if not self.normalize:
             return out
-        return out / torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min(1e-12)  # = F.normalize, leaner
+        norm = torch.linalg.vector_norm(out, dim=-1, keepdim=True)
+        if out.requires_grad:
+            return out / norm.clamp_min(1e-12)  # = F.normalize, leaner
+        return out.div_(norm.clamp_min_(1e-12))  # inference: in place
 
     def _fuses(self, features: torch.Tensor) -> bool:
         """Inference with fp32 weights on the CPU: the static branch's map joins the last dense layer."""
@@ -231,6 +234,12 @@ class ProjectionHead(nn.Module):
         """Embeddings [B, output_dim] (fp32) for token states [B, T, H] and a span mask [B, T] (and the token ids
         [B, T] of those positions, which a static branch reads). `static_ids` [B, L] (-1 padded) give the static
         branch other ids than the span's: a conversation-wide branch reads the whole dialogue's."""
+        if self.token_level or self.pooling != "mean" or mask.device.type != "cpu" or not bool(mask.all()):
+            if static_ids is None and input_ids is not None and self.static is not None:
+                static_ids = self.span_ids(input_ids, mask)
+            return self.project_features(self.features(states, mask), mask, static_ids)
+        # The span is every column (the agent passes states cut to it): a plain mean, and the ids as they are.
+        features = F.layer_norm(states.float(), states.shape[-1:]).mean(1)
         if static_ids is None and input_ids is not None and self.static is not None:
-            static_ids = self.span_ids(input_ids, mask)
-        return self.project_features(self.features(states, mask), mask, static_ids)
+            return self.project_features(features, mask, input_ids, ids_padded=False)
+        return self.project_features(features, mask, static_ids)

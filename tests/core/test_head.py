@@ -278,6 +278,9 @@ def test_the_fused_inference_path_equals_the_layer_by_layer_one_and_follows_new_
     with torch.inference_mode():
         fused = head(states, mask, ids)
     assert head._fused is not None and torch.allclose(fused, layered, atol=1e-6)
+    with torch.inference_mode():  # a span cut to its columns (what the agent passes): the unpadded fast path
+        alone = head(states[1:2, 2:5], mask[1:2, 2:5].bool(), ids[1:2, 2:5])
+    assert torch.allclose(alone, layered[1:2], atol=1e-5)
     with torch.no_grad():
         head.static_out.weight.mul_(-1)  # an in-place update must reach the fused matrix
         flipped = head(states, mask, ids)
