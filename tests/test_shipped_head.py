@@ -51,3 +51,19 @@ def test_shipped_head_retains_teacher_quality_on_held_out_dialogues(head_type, e
     assert head["recall@100"] >= 0.6 * teacher["recall@100"]
     assert head["ndcg@10"] >= 0.5 * teacher["ndcg@10"]
     assert np.isfinite(head_q.numpy()).all()
+
+
+@pytest.mark.real_model
+def test_shipped_heads_export_as_standalone_sentence_transformers_or_say_why_not(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from retrieval_head.io.export import ExportError, export_sentence_transformer
+
+    with pytest.raises(ExportError, match="static branch.*trust_remote_code=True"):
+        export_sentence_transformer(RetrievalModel.from_pretrained(SHIPPED["mlp"]), tmp_path / "mlp")
+    assert not (tmp_path / "mlp").exists()
+    model = RetrievalModel.from_pretrained(SHIPPED["linear"])
+    folder = export_sentence_transformer(model, tmp_path / "linear")["path"]
+    texts = [q.text for q in load_dataset_folder(ROOT / "data" / "scifact_train").queries[:24]]
+    exported = SentenceTransformer(folder, device="cpu").encode_query(texts, batch_size=8)
+    assert np.abs(exported - model.encode_query(texts, batch_size=8)).max() <= 1e-5

@@ -308,3 +308,24 @@ def test_push_folder_uploads_a_saved_head(api: HfApi, model: RetrievalModel, tmp
     assert_same(RetrievalModel.from_pretrained(repo_id).encode(TEXTS), model.encode(TEXTS))
     with pytest.raises(HeadFolderError):
         push_folder(tmp_path, repo_id, token=ALICE)  # not a head folder: nothing is uploaded
+
+
+def test_a_standalone_export_is_pushed_and_loads_from_the_hub_with_no_flag(api: HfApi, tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+    from tiny import tiny_causal_lm, tiny_tokenizer
+
+    from retrieval_head.io.export import export_sentence_transformer, push_export
+
+    base = tiny_causal_lm()
+    with torch.no_grad():
+        base.get_input_embeddings().weight.mul_(50)  # states at a real LM's scale (LayerNorm's epsilon aside)
+    config = head_config(prompts={"query": "", "document": ""}, layer=2)
+    model = get_retrieval_model(base, config, tokenizer=tiny_tokenizer())
+    folder = export_sentence_transformer(model, tmp_path / "standalone")["path"]
+    repo_id = new_repo_id("standalone")
+    push_export(folder, repo_id, token=ALICE, private=True)
+    assert "modules.json" in api.list_repo_files(repo_id, token=ALICE)
+    loaded = SentenceTransformer(repo_id, token=ALICE, device="cpu")  # over HTTP, no trust_remote_code
+    assert_same(loaded.encode(TEXTS[:2]), model.encode(TEXTS[:2]))
+    with pytest.raises(RepositoryNotFoundError):
+        api.list_repo_files(repo_id, token=BOB)  # private: another user cannot read it
