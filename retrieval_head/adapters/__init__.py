@@ -9,7 +9,6 @@ from retrieval_head.adapters.recorded import (
     fingerprint_adapter,
     load_adapter,
     merge_adapter,
-    set_adapter_origin,
 )
 
 __all__ = [
@@ -22,5 +21,4 @@ __all__ = [
     "has_encode_adapter",
     "load_adapter",
     "merge_adapter",
-    "set_adapter_origin",
 ]

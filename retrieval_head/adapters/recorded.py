@@ -173,18 +173,6 @@ def load_adapter(
     return model
 
 
-def set_adapter_origin(
-    model: nn.Module, adapter_name_or_path: str, revision: str | None = None, adapter_name: str | None = None
-) -> None:
-    """Note where a model's adapter can be loaded from (after `peft_model.save_pretrained(dir)` / `push_to_hub`)."""
-    name = adapter_name or _active_adapter_name(model)
-    if name is None:
-        raise ValueError("The model carries no PEFT adapter; there is no adapter origin to set.")
-    origins = dict(getattr(model, _ORIGINS_ATTR, {}))
-    origins[name] = (str(adapter_name_or_path), revision)
-    object.__setattr__(model, _ORIGINS_ATTR, origins)
-
-
 def merge_adapter(model: nn.Module, **kwargs: Any) -> nn.Module:
     """`model.merge_and_unload(**kwargs)`, noting on the result which adapter was merged into it.
 

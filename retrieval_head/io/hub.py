@@ -241,22 +241,3 @@ def push_head(
             commit_message=commit_message or "Upload retrieval head", commit_description=commit_description,
             token=token, revision=revision, create_pr=create_pr,
         )
-
-
-def push_folder(
-    folder: str | Path, repo_id: str, *, token: bool | str | None = None, private: bool | None = None,
-    revision: str | None = None, commit_message: str | None = None, create_pr: bool = False,
-) -> CommitInfo:
-    """Upload a saved head folder as is (checked first); for CLIs that publish what training wrote."""
-    from retrieval_head.io.folder import read_config, read_weights
-
-    read_config(folder), read_weights(folder)
-    api = HfApi()
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    if revision is not None and not revision.startswith("refs/pr/"):
-        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
-    return api.upload_folder(
-        repo_id=repo_id, folder_path=folder, allow_patterns=list(HEAD_REPO_PATTERNS),
-        commit_message=commit_message or "Upload retrieval head", token=token, revision=revision,
-        create_pr=create_pr,
-    )

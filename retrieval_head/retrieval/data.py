@@ -144,36 +144,6 @@ class RetrievalDataset:
                 out[q.id] = rel
         return out
 
-    def to_hf_dataset(self, max_words: int | None = None) -> Any:
-        """Queries as a `datasets.Dataset` (id, text, history, speakers, flat_text, relevant_doc_ids)."""
-        import datasets
-
-        rel = self.relevant_docs()
-        return datasets.Dataset.from_dict(
-            {
-                "id": [q.id for q in self.queries],
-                "text": [q.text for q in self.queries],
-                "history": [list(q.history) for q in self.queries],
-                "history_speakers": [list(q.history_speakers or ()) for q in self.queries],
-                "flat_text": [q.flat_text(max_words) for q in self.queries],
-                "relevant_doc_ids": [sorted(rel.get(q.id, ())) for q in self.queries],
-            }
-        )
-
-    def corpus_to_hf_dataset(self) -> Any:
-        """Corpus as a `datasets.Dataset` (id, title, text, document = title + " " + text)."""
-        import datasets
-
-        ids = self.doc_ids
-        return datasets.Dataset.from_dict(
-            {
-                "id": ids,
-                "title": [self.corpus[d].get("title", "") for d in ids],
-                "text": [self.corpus[d].get("text", "") for d in ids],
-                "document": self.document_texts(ids),
-            }
-        )
-
     def subset(self, query_ids: Sequence[str], name: str | None = None) -> RetrievalDataset:
         """A view with only these queries (in dataset order) and their qrels; the corpus is shared."""
         keep = set(query_ids)

@@ -143,12 +143,3 @@ def train_encode_adapter(
         model.train(False)
         trainable(model, False)
     return EncodeAdapterResult(max_steps, time.perf_counter() - started, refresh_record(model), log)
-
-
-@torch.no_grad()
-def distillation_loss(model: Any, texts: Sequence[EncodeInput], teacher_embeddings: torch.Tensor,
-                      loss_weights: Mapping[str, float] | None = None, batch_size: int = 32) -> float:
-    """Mean alignment-style loss of the model's embeddings of `texts` against the teacher's (inference mode)."""
-    loss_fn = DistillationLoss(loss_weights or {"alignment": 1.0})
-    student = model.encode_query(list(texts), batch_size=batch_size, convert_to_tensor=True)
-    return loss_fn(student.float().cpu(), torch.as_tensor(teacher_embeddings).float().cpu())[1]["total"]

@@ -19,7 +19,6 @@ from retrieval_head.adapters.recorded import (
     fingerprint_adapter,
     load_adapter,
     merge_adapter,
-    set_adapter_origin,
 )
 from retrieval_head.io.folder import WEIGHTS_NAME
 
@@ -138,7 +137,6 @@ def test_unsaved_adapter_warns_and_records_no_id(saved, tmp_path, caplog) -> Non
     # reload by passing the adapted model; then name the saved adapter and the head rebuilds it alone
     again = RetrievalModel.from_pretrained(tmp_path / "head", base_model=peft_model, tokenizer=tokenizer(dirs["base"]))
     peft_model.save_pretrained(tmp_path / "lora")
-    set_adapter_origin(peft_model, str(tmp_path / "lora"))
     again.config.adapter_name_or_path = str(tmp_path / "lora")
     again.save_pretrained(tmp_path / "head")
     rebuilt = RetrievalModel.from_pretrained(tmp_path / "head")

@@ -297,19 +297,6 @@ def test_existing_readme_is_updated_not_clobbered(api: HfApi, model: RetrievalMo
     assert torch.is_tensor(model.encode(TEXTS, convert_to_tensor=True))
 
 
-def test_push_folder_uploads_a_saved_head(api: HfApi, model: RetrievalModel, tmp_path: Path) -> None:
-    from retrieval_head.io.hub import push_folder
-
-    model.save_pretrained(tmp_path / "head")
-    (tmp_path / "head" / "notes.txt").write_text("not a head file")
-    repo_id = new_repo_id("folder")
-    push_folder(tmp_path / "head", repo_id, token=ALICE, commit_message="from a folder")
-    assert set(api.list_repo_files(repo_id)) == {".gitattributes", *HEAD_REPO_FILES}
-    assert_same(RetrievalModel.from_pretrained(repo_id).encode(TEXTS), model.encode(TEXTS))
-    with pytest.raises(HeadFolderError):
-        push_folder(tmp_path, repo_id, token=ALICE)  # not a head folder: nothing is uploaded
-
-
 def test_a_standalone_export_is_pushed_and_loads_from_the_hub_with_no_flag(api: HfApi, tmp_path: Path) -> None:
     from sentence_transformers import SentenceTransformer
     from tiny import tiny_causal_lm, tiny_tokenizer

@@ -52,9 +52,7 @@ def test_load_valid_folder(tmp_path: Path) -> None:
     assert ds.qrels == {"q1": {"d1": 1}, "q2": {"d2": 1, "d3": 0}}
     assert ds.relevant_docs() == {"q1": {"d1"}, "q2": {"d2"}}
     assert ds.query("q2").history == ("hi", "hello")
-    hf = ds.to_hf_dataset()
-    assert hf.num_rows == 2 and hf[1]["flat_text"] == "hi hello and the second?"
-    assert ds.corpus_to_hf_dataset()["document"][0] == "Alpha first doc"
+    assert ds.query("q2").flat_text() == "hi hello and the second?"
 
 
 def test_beir_header_in_qrels_is_skipped(tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ from retrieval_head.adapters.encode_adapter import (
 from retrieval_head.adapters.recorded import fingerprint_adapter
 from retrieval_head.agent import NativeRetriever
 from retrieval_head.core.config import HeadFolderError
-from retrieval_head.training.adapter_distillation import distillation_loss, train_encode_adapter
+from retrieval_head.training.adapter_distillation import train_encode_adapter
+from retrieval_head.training.losses import DistillationLoss
 
 ARCHS = ["llama", "gpt2"]
 TEXTS = [" ".join(WORDS[(7 * i + j) % len(WORDS)] for j in range(3 + i % 5)) for i in range(24)]
@@ -38,6 +39,13 @@ def base_dirs(tmp_path_factory) -> dict[str, Path]:
 
 def load(folder: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def distillation_loss(model: RetrievalModel, texts: list[str], targets: torch.Tensor) -> float:
+    """The alignment loss of the model's query embeddings against the teacher's (inference mode)."""
+    student = model.encode_query(texts, batch_size=32, convert_to_tensor=True)
+    return DistillationLoss({"alignment": 1.0})(student.float(), targets.float())[1]["total"]
 
 
 def make_model(folder: Path) -> RetrievalModel:
