@@ -36,7 +36,7 @@ def median_ms(values: list[float]) -> float:
 def build(args: argparse.Namespace):
     from retrieval_head import RetrievalHeadConfig, RetrievalModel, get_retrieval_model
     from retrieval_head.agent import NativeRetriever
-    from retrieval_head.io.embedded import AGENT_ID, load_agent, load_teacher
+    from retrieval_head.io.embedded import BASE_ID, load_embedded_base, load_teacher
     from retrieval_head.retrieval.data import load_dataset_folder
     from retrieval_head.retrieval.fingerprint import TeacherFingerprint
     from retrieval_head.retrieval.index import DocumentIndex
@@ -46,8 +46,8 @@ def build(args: argparse.Namespace):
     if args.head:
         model = RetrievalModel.from_pretrained(args.head)
     else:
-        base, tokenizer = load_agent()
-        config = RetrievalHeadConfig(base_model_name_or_path=AGENT_ID, layer=args.layer, head_type=args.head_type,
+        base, tokenizer = load_embedded_base()
+        config = RetrievalHeadConfig(base_model_name_or_path=BASE_ID, layer=args.layer, head_type=args.head_type,
                                      output_dim=fingerprint.dim, teacher=fingerprint.to_dict())
         model = get_retrieval_model(base, config, tokenizer=tokenizer)
     model.eval().quantize_head(args.quantize_head_to)

@@ -122,15 +122,15 @@ def load_model_and_teacher(spec: str, layer: int = 20, head_type: str = "mlp", d
                            load_teacher: bool = True) -> tuple[Any, Any, str]:
     """(RetrievalModel, teacher or None, description). 'untrained' attaches a fresh head to the embedded agent."""
     from retrieval_head import RetrievalHeadConfig, RetrievalModel, get_retrieval_model
-    from retrieval_head.io.embedded import AGENT_ID, load_agent, load_teacher_by_id
+    from retrieval_head.io.embedded import BASE_ID, load_embedded_base, load_teacher_by_id
     from retrieval_head.io.embedded import load_teacher as load_embedded_teacher
     from retrieval_head.retrieval.fingerprint import TeacherFingerprint
 
     if spec == UNTRAINED:
         teacher = load_embedded_teacher(device)
         fingerprint = TeacherFingerprint.from_sentence_transformer(teacher)
-        base, tokenizer = load_agent()
-        config = RetrievalHeadConfig(base_model_name_or_path=AGENT_ID, layer=layer, head_type=head_type,
+        base, tokenizer = load_embedded_base()
+        config = RetrievalHeadConfig(base_model_name_or_path=BASE_ID, layer=layer, head_type=head_type,
                                      output_dim=fingerprint.dim, teacher=fingerprint.to_dict(), max_length=256)
         model = get_retrieval_model(base, config, tokenizer=tokenizer)
         if device:

@@ -36,10 +36,10 @@ METRICS = ("ndcg@10", "recall@10", "mrr@10")
 
 def fresh_model(fingerprint: Any, layer: int, seed: int) -> Any:
     from retrieval_head import RetrievalHeadConfig, get_retrieval_model
-    from retrieval_head.io.embedded import AGENT_ID, load_agent
+    from retrieval_head.io.embedded import BASE_ID, load_embedded_base
 
-    base, tokenizer = load_agent()
-    config = RetrievalHeadConfig(base_model_name_or_path=AGENT_ID, layer=layer, output_dim=fingerprint.dim,
+    base, tokenizer = load_embedded_base()
+    config = RetrievalHeadConfig(base_model_name_or_path=BASE_ID, layer=layer, output_dim=fingerprint.dim,
                                  teacher=fingerprint.to_dict(), max_length=256, seed=seed)
     return get_retrieval_model(base, config, tokenizer=tokenizer).eval()
 

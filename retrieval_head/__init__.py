@@ -6,6 +6,7 @@ from typing import Any
 from retrieval_head import _moved
 from retrieval_head.core.base import BaseMismatchError
 from retrieval_head.core.config import HeadFolderError, RetrievalHeadConfig
+from retrieval_head.core.errors import RetrievalHeadError
 from retrieval_head.core.head import ProjectionHead
 from retrieval_head.core.model import RetrievalModel, get_retrieval_model
 from retrieval_head.core.quantization import HeadQuantizationError
@@ -38,6 +39,7 @@ __all__ = [
     "NativeRetriever",
     "ProjectionHead",
     "RetrievalHeadConfig",
+    "RetrievalHeadError",
     "RetrievalModel",
     "TeacherFingerprint",
     "__version__",

@@ -28,20 +28,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_recipe_with_overrides(path: str, overrides: Sequence[str]):
-    import yaml
-
-    from retrieval_head.training.recipe import Recipe, RecipeError
+    from retrieval_head.training.recipe import Recipe, parse_overrides
 
     recipe = Recipe.load(path)
-    if not overrides:
-        return recipe
-    values = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise RecipeError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr=1e-4")
-        values[key] = yaml.safe_load(value)
-    return recipe.replace(**values)
+    return recipe.replace(**parse_overrides(overrides)) if overrides else recipe
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,9 +15,9 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared 2-cor
 @pytest.fixture(scope="session")
 def embedded_agent():
     """The embedded SmolLM2-135M-Instruct and its tokenizer (dequantized once into the cache)."""
-    from retrieval_head.io.embedded import load_agent
+    from retrieval_head.io.embedded import load_embedded_base
 
-    return load_agent()
+    return load_embedded_base()
 
 
 @pytest.fixture(scope="session")

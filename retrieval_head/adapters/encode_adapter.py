@@ -38,6 +38,7 @@ from retrieval_head.adapters.recorded import (
     merged_fingerprint,
 )
 from retrieval_head.core.config import HeadFolderError
+from retrieval_head.core.errors import RetrievalHeadError
 
 if TYPE_CHECKING:
     from retrieval_head.core.model import RetrievalModel
@@ -49,7 +50,7 @@ _PEFT_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
 
-class EncodeAdapterError(ValueError):
+class EncodeAdapterError(RetrievalHeadError, ValueError):
     """The encode adapter is missing, does not match its record, or cannot be used where it was asked for."""
 
 

@@ -7,10 +7,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from retrieval_head.core.errors import RetrievalHeadError
+
 SpanSource = Literal["markers", "open_marker", "whole_turn"]
 
 
-class EmptyQuerySpanError(ValueError):
+class EmptyQuerySpanError(RetrievalHeadError, ValueError):
     """The query the LM wrote has no tokens (e.g. `<query></query>`): there is nothing to embed."""
 
 

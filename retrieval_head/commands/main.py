@@ -25,21 +25,15 @@ def _run(args: argparse.Namespace) -> int:
     import sys
 
     import torch
-    import yaml
 
     from retrieval_head.training.main_job import main_recipe, run_main_job
-    from retrieval_head.training.recipe import RecipeError
+    from retrieval_head.training.recipe import RecipeError, parse_overrides
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 16)))
     try:
-        overrides = {}
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise RecipeError(f"--set {item!r}: expected SECTION.KEY=VALUE")
-            overrides[key] = yaml.safe_load(value)
+        overrides = parse_overrides(args.set)
         run_main_job(args.output, args.shipped, main_recipe(**overrides), show_progress_bar=not args.quiet)
     except (RecipeError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

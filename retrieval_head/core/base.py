@@ -7,9 +7,10 @@ from typing import Any
 from torch import nn
 
 from retrieval_head.core.config import RetrievalHeadConfig
+from retrieval_head.core.errors import RetrievalHeadError
 
 
-class BaseMismatchError(ValueError):
+class BaseMismatchError(RetrievalHeadError, ValueError):
     """The head was made for another base model than the one it is attached to."""
 
 

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
 
+from retrieval_head.core.errors import RetrievalHeadError
 from retrieval_head.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ TEMPLATES = ("chat", "plain")
 STATIC_SPANS = ("text", "conversation")
 
 
-class HeadFolderError(ValueError):
+class HeadFolderError(RetrievalHeadError, ValueError):
     """A folder or repo that does not hold a loadable retrieval head."""
 
 # Keys transformers itself writes into every config; they are not "unknown" when we read one back.

@@ -17,10 +17,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from retrieval_head.core.errors import RetrievalHeadError
+
 QUANTIZE_TO = ("float16", "int8")
 
 
-class HeadQuantizationError(ValueError):
+class HeadQuantizationError(RetrievalHeadError, ValueError):
     """The head cannot run with the asked-for weight precision (head type, device, name or torch build)."""
 
 

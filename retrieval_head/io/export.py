@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from retrieval_head.core.errors import RetrievalHeadError
 from retrieval_head.core.layer_states import decoder_layers, inner_model, num_layers_of
 
 FALLBACK = ("load the head folder itself instead: SentenceTransformer(HEAD, trust_remote_code=True) or "
@@ -38,7 +39,7 @@ CHECK_TEXTS = ("what is the best hotel near the station with free parking?",
 TOLERANCE = 1e-5
 
 
-class ExportError(ValueError):
+class ExportError(RetrievalHeadError, ValueError):
     """The head cannot be written with sentence-transformers' built-in modules, or the export did not match."""
 
 

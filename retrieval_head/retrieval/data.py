@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from retrieval_head.core.errors import RetrievalHeadError
+
 REQUIRED_FILES = ("corpus.jsonl", "queries.jsonl", "qrels.tsv")
 SPEAKER_ROLES = {
     "U": "user",
@@ -25,7 +27,7 @@ SPEAKER_ROLES = {
 SplitBy = Literal["auto", "conversation", "document"]
 
 
-class DataFormatError(ValueError):
+class DataFormatError(RetrievalHeadError, ValueError):
     """A dataset file is missing, empty or malformed; the message names the file (and line)."""
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from retrieval_head.core.errors import RetrievalHeadError
+
 logger = logging.getLogger(__name__)
 
 # Fixed probe sentences; changing them changes every checksum, so never edit this list.
@@ -23,7 +25,7 @@ CHECKSUM_DECIMALS = 4
 IDENTITY_FIELDS: tuple[str, ...] = ("dim", "similarity_fn_name", "normalized", "probe_checksum")
 
 
-class TeacherMismatchError(ValueError):
+class TeacherMismatchError(RetrievalHeadError, ValueError):
     """Raised when an artefact (index, head, config) belongs to a different teacher than expected."""
 
 

@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from retrieval_head.core.config import HEAD_TYPES, POOLINGS, TEMPLATES
-from retrieval_head.io.embedded import AGENT_ID, TEACHER_ID
+from retrieval_head.core.config import HEAD_TYPES, POOLINGS, TEMPLATES, RetrievalHeadConfig
+from retrieval_head.core.errors import RetrievalHeadError
+from retrieval_head.io.embedded import BASE_ID, TEACHER_ID
 
 
-class RecipeError(ValueError):
+class RecipeError(RetrievalHeadError, ValueError):
     """A recipe file or value is invalid; the message names the file and the key."""
 
 
@@ -38,7 +40,7 @@ class RecipeMismatchError(RecipeError):
 
 @dataclass
 class ModelSpec:
-    model: str = AGENT_ID
+    model: str = BASE_ID
     revision: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (the frozen base's dtype)
 
@@ -51,23 +53,30 @@ class TeacherSpec:
     batch_size: int = 64
 
 
-@dataclass
-class HeadSpec:
-    layer: int = 24
-    pooling: str = "mean"
-    head_type: str = "mlp"
-    inner_dim: int = 1024
-    num_head_layers: int = 1
-    num_attention_heads: int = 8
-    dropout: float = 0.1
-    static_dim: int = 256  # width of the static (lexical) branch over the span's LM token ids; 0 = none (dev: E38)
-    static_base_embeddings: bool = False  # the branch also pools the base's input embeddings of those ids
-    static_span: str = "text"  # text | conversation: the branch pools the last message's ids or the whole dialogue's
-    output_dim: int | None = None  # None: the teacher's dim; a set value must equal it
-    normalize: bool = True
-    query_template: str = "chat"
-    system_prompt: str | None = None
-    max_length: int = 256
+HEAD_FIELDS = (
+    "layer", "pooling", "head_type", "inner_dim", "num_head_layers", "num_attention_heads", "dropout", "static_dim",
+    "static_base_embeddings", "static_span", "output_dim", "normalize", "query_template", "system_prompt", "max_length",
+)
+"""The `RetrievalHeadConfig` fields a recipe's `head:` section sets (the rest come from the base, teacher, seed)."""
+HEAD_DEFAULTS: dict[str, Any] = {"layer": 24, "static_dim": 256, "output_dim": None, "max_length": 256}
+"""Where the recipe's default differs from the config's: layer and static width chosen on dev (EXPERIMENTS.md),
+the teacher's own dim (None) and its max_seq_length."""
+
+
+def _head_spec() -> type:
+    """`HeadSpec`: the config's own fields (types and help), with the recipe's defaults: one schema, not two."""
+    by_name = {f.name: f for f in fields(RetrievalHeadConfig)}
+    specs = []
+    for name in HEAD_FIELDS:
+        f = by_name[name]
+        kind = "int | None" if name == "output_dim" else f.type
+        specs.append((name, kind, field(default=HEAD_DEFAULTS.get(name, f.default), metadata=f.metadata)))
+    spec = dataclasses.make_dataclass("HeadSpec", specs)
+    spec.__module__ = __name__
+    return spec
+
+
+HeadSpec = _head_spec()
 
 
 @dataclass
@@ -298,6 +307,17 @@ class Recipe:
         import hashlib
 
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`--set SECTION.KEY=VALUE` arguments as `Recipe.replace` overrides (values parsed as YAML)."""
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise RecipeError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr=1e-4")
+        values[key] = yaml.safe_load(value)
+    return values
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from retrieval_head.core.config import RetrievalHeadConfig
+from retrieval_head.core.errors import RetrievalHeadError
 from retrieval_head.io.tensor_cache import LayeredCache, TensorCache
 from retrieval_head.retrieval.fingerprint import TeacherFingerprint
 from retrieval_head.training.features import feature_key
@@ -17,7 +19,7 @@ if TYPE_CHECKING:
     from retrieval_head.training.datasets import TrainingData
 
 
-class TeacherDimError(ValueError):
+class TeacherDimError(RetrievalHeadError, ValueError):
     """The teacher's embedding size differs from the recipe's `head.output_dim`."""
 
 
@@ -44,17 +46,11 @@ def check_teacher_dim(recipe: Recipe, fingerprint: TeacherFingerprint) -> int:
 
 def head_config(recipe: Recipe, fingerprint: TeacherFingerprint, layer: int | None = None,
                 pooling: str | None = None) -> RetrievalHeadConfig:
-    h = recipe.head
-    return RetrievalHeadConfig(
-        base_model_name_or_path=recipe.base.model, revision=recipe.base.revision,
-        layer=h.layer if layer is None else layer, pooling=h.pooling if pooling is None else pooling,
-        head_type=h.head_type, inner_dim=h.inner_dim, num_head_layers=h.num_head_layers,
-        num_attention_heads=h.num_attention_heads, dropout=h.dropout, static_dim=h.static_dim,
-        static_base_embeddings=h.static_base_embeddings, static_span=h.static_span,
-        output_dim=check_teacher_dim(recipe, fingerprint),
-        normalize=h.normalize, seed=recipe.train.seed, query_template=h.query_template, system_prompt=h.system_prompt,
-        max_length=h.max_length, teacher=fingerprint.to_dict(),
-    )
+    values = asdict(recipe.head)
+    values.update(layer=values["layer"] if layer is None else layer, pooling=values["pooling"] if pooling is None
+                  else pooling, output_dim=check_teacher_dim(recipe, fingerprint))
+    return RetrievalHeadConfig(base_model_name_or_path=recipe.base.model, revision=recipe.base.revision,
+                               seed=recipe.train.seed, teacher=fingerprint.to_dict(), **values)
 
 
 def feature_for(recipe: Recipe, config: RetrievalHeadConfig) -> tuple[str, bool]:

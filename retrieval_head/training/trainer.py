@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from retrieval_head.core.errors import RetrievalHeadError
 from retrieval_head.io.folder import save_head
 from retrieval_head.retrieval.fingerprint import TeacherFingerprint
 from retrieval_head.training.datasets import TrainingData, build_training_data
@@ -57,7 +58,7 @@ CHECKPOINTS = "checkpoints"
 BEST = "best"
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(RetrievalHeadError, RuntimeError):
     """Training stopped early (non-finite loss); the message says where the last good state is."""
 
 

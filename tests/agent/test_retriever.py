@@ -163,10 +163,10 @@ def test_chat_command_non_interactive(tmp_path, capsys):
 
 @pytest.mark.real_model
 def test_embedded_smollm2_writes_a_query_and_capture_matches(embedded_agent):
-    from retrieval_head.io.embedded import AGENT_ID
+    from retrieval_head.io.embedded import BASE_ID
 
     base, tokenizer = embedded_agent
-    config = RetrievalHeadConfig(layer=-8, output_dim=384, head_type="linear", base_model_name_or_path=AGENT_ID)
+    config = RetrievalHeadConfig(layer=-8, output_dim=384, head_type="linear", base_model_name_or_path=BASE_ID)
     model = get_retrieval_model(base, config, tokenizer=tokenizer)
     agent = NativeRetriever(model, None)
     conversation = [

@@ -141,11 +141,11 @@ def test_an_index_from_another_teacher_or_none_is_refused():
 @pytest.mark.real_model
 def test_embedded_smollm2_search_first_turn_answers_from_its_one_prefill(embedded_agent):
     from retrieval_head import RetrievalHeadConfig, get_retrieval_model
-    from retrieval_head.io.embedded import AGENT_ID
+    from retrieval_head.io.embedded import BASE_ID
     from retrieval_head.retrieval.index import DocumentIndex
 
     base, tokenizer = embedded_agent
-    config = RetrievalHeadConfig(layer=24, output_dim=16, head_type="linear", base_model_name_or_path=AGENT_ID,
+    config = RetrievalHeadConfig(layer=24, output_dim=16, head_type="linear", base_model_name_or_path=BASE_ID,
                                  teacher=FINGERPRINT.to_dict())
     model = get_retrieval_model(base, config, tokenizer=tokenizer)
     vectors = torch.randn(4, 16, generator=torch.Generator().manual_seed(0)).numpy()

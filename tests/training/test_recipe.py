@@ -75,3 +75,28 @@ def test_diff_and_resume_check():
         check_resumable(a, b, "out/run")
     assert "train.lr: 0.0002 -> 0.0005" in str(err.value) and "head.layer: 24 -> 27" in str(err.value)
     assert "log_every" not in str(err.value)
+
+
+def test_head_section_is_the_config_schema_with_the_recipe_defaults() -> None:
+    from dataclasses import fields
+
+    from retrieval_head import RetrievalHeadConfig
+    from retrieval_head.training.recipe import HEAD_DEFAULTS, HeadSpec
+
+    config = {f.name: f for f in fields(RetrievalHeadConfig)}
+    for f in fields(HeadSpec):
+        assert f.metadata["help"] == config[f.name].metadata["help"]  # one help text, from the config
+        assert f.default == HEAD_DEFAULTS.get(f.name, config[f.name].default), f.name
+    assert HeadSpec().layer == 24 and RetrievalHeadConfig().layer == -1
+
+
+def test_parse_overrides_reads_yaml_values_and_names_a_bad_item() -> None:
+    from retrieval_head.training.recipe import parse_overrides
+
+    values = parse_overrides(["train.lr=1e-4", "data.datasets=[scifact_train]", "head.system_prompt=null"])
+    assert values["data.datasets"] == ["scifact_train"] and values["head.system_prompt"] is None
+    recipe = Recipe().replace(**values, **{"data.eval_datasets": ["scifact_train"], "data.oversample": {}})
+    assert recipe.train.lr == 1e-4 and recipe.data.datasets == ["scifact_train"]
+    for bad in ("train.lr", "lr=1e-4"):
+        with pytest.raises(RecipeError, match="SECTION.KEY=VALUE"):
+            parse_overrides([bad])
