@@ -120,3 +120,13 @@ def test_saved_folders_module_path_is_stable_and_silent(recwarn):
     module = importlib.import_module(HEAD_CLASS.rsplit(".", 1)[0])
     assert module.RetrievalHeadInput is RetrievalHeadInput
     assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+
+
+def test_results_and_docs_hold_no_absolute_machine_paths():
+    root = PACKAGE.parent
+    files = [root / "README.md", *root.glob("benchmarks/results/*.[jm][sd]*"), *root.glob("training/results/*"),
+             *root.glob("heads/*/*.json"), *root.glob("heads/*/README.md")]
+    assert len(files) > 10
+    leaked = [str(f.relative_to(root)) for f in files if str(root) in f.read_text(encoding="utf-8", errors="ignore")
+              or "/work/" in f.read_text(encoding="utf-8", errors="ignore")]
+    assert leaked == []

@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "training" / "results" / "agent_query_distillation.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from common import load_model_and_teacher
+    from common import load_model_and_teacher, repo_relative
     from quality import embedding_cache
 
     from retrieval_head.agent import NativeRetriever
@@ -165,7 +165,7 @@ def main() -> None:
               "examples": data["dev"]["texts"][:10]}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(repo_relative(json.dumps(result, indent=2)) + "\n")
     print(json.dumps({"before": before, "after": after}, indent=2))
 
 
