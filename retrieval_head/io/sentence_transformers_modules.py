@@ -27,6 +27,7 @@ try:  # sentence-transformers >= 6
 except ImportError:  # pragma: no cover - sentence-transformers 5.x
     from sentence_transformers.models import InputModule, Module
 
+from retrieval_head.adapters.encode_adapter import encode_adapter_on, load_encode_adapter
 from retrieval_head.core.config import RetrievalHeadConfig
 from retrieval_head.core.head import ProjectionHead
 from retrieval_head.core.layer_states import hidden_states_at
@@ -71,6 +72,11 @@ class RetrievalHeadInput(InputModule):
         self.max_seq_length = config.max_length
 
     @property
+    def base_model(self) -> torch.nn.Module:
+        """The base LM, under the name `RetrievalModel` gives it (the encode-adapter helpers read it)."""
+        return self.auto_model
+
+    @property
     def modalities(self) -> list[str]:
         return ["text", "message"]
 
@@ -84,8 +90,9 @@ class RetrievalHeadInput(InputModule):
         return self.renderer.collate([self.renderer.render(item, prompt or "") for item in items])
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
-        states = hidden_states_at(self.auto_model, [self.layer_index], features["input_ids"],
-                                  features["attention_mask"])
+        with encode_adapter_on(self):  # a head trained with an encode adapter reads the adapted states
+            states = hidden_states_at(self.auto_model, [self.layer_index], features["input_ids"],
+                                      features["attention_mask"])
         features["token_embeddings"] = states[self.layer_index]
         if self.config.static_base_embeddings:  # the head's static branch reads the base's input embeddings
             features["input_embeddings_module"] = self.auto_model.get_input_embeddings()
@@ -120,8 +127,10 @@ class RetrievalHeadInput(InputModule):
             if cache_folder is not None:
                 base_kwargs["cache_dir"] = cache_folder
         base_model, tokenizer = load_base(config.base_model_name_or_path, config.revision, **base_kwargs)
-        base_model = attach_recorded_adapter(base_model, config)
-        return cls(config, base_model, tokenizer)
+        module = cls(config, attach_recorded_adapter(base_model, config), tokenizer)
+        if config.encode_adapter:  # restored as RetrievalModel.from_pretrained does, from the folder's subfolder
+            load_encode_adapter(module, folder)
+        return module
 
 
 class RetrievalHeadPooling(Module):

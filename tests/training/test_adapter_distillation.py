@@ -127,6 +127,22 @@ def test_round_trip_gives_identical_embeddings(trained, arch, tmp_path) -> None:
         assert torch.allclose(states, model.layer_states(ids, torch.ones_like(ids)), atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sentence_transformers_loader_restores_the_encode_adapter(trained, arch, tmp_path) -> None:
+    from retrieval_head import load_sentence_transformer
+
+    model = trained[arch][0]
+    model.save_pretrained(tmp_path / "head")
+    st = load_sentence_transformer(str(tmp_path / "head"), device="cpu")
+    expected = model.encode(TEXTS, convert_to_tensor=True)
+    assert torch.allclose(st.encode(TEXTS, convert_to_tensor=True), expected, atol=1e-5)
+    config = copy.deepcopy(model.config)
+    config.encode_adapter = None  # the same head on the plain base embeds differently
+    plain = RetrievalModel(load(Path(config.base_model_name_or_path)), config, tokenizer=model.tokenizer)
+    plain.head.load_state_dict(model.head.state_dict())
+    assert (plain.encode(TEXTS, convert_to_tensor=True) - expected).abs().max() > 1e-4
+
+
 def test_missing_or_foreign_subfolder_is_refused(trained, tmp_path) -> None:
     model = trained["llama"][0]
     model.save_pretrained(tmp_path / "head")
