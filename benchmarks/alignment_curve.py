@@ -7,6 +7,8 @@ queries + corpus sentences of every dataset, before oversampling) and takes the 
 benchmarks/results/alignment_curve.{json,md,png}. Usage:
 
     .venv/bin/python benchmarks/alignment_curve.py --step 6000 --run "static 64=runs/E35" --run "static 64=runs/E33"
+
+`--keep` keeps the points already in the results file (runs whose folders are gone) and adds or replaces by run.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common import publish, pyplot
+from common import RESULTS, publish, pyplot
 
 
 def run_point(folder: Path, step: int) -> dict[str, Any]:
@@ -44,11 +46,19 @@ def main() -> None:
     parser.add_argument("--run", action="append", required=True, metavar="LABEL=DIR",
                         help="A curve label and a run folder (repeat; runs of one label form one line).")
     parser.add_argument("--step", type=int, default=6000)
+    parser.add_argument("--keep", action="store_true", help="Keep the points of the existing results file.")
     args = parser.parse_args()
     points = []
+    existing = RESULTS / "alignment_curve.json"
+    if args.keep and existing.is_file():
+        previous = json.loads(existing.read_text())
+        if previous.get("step") != args.step:
+            raise SystemExit(f"error: {existing} holds step {previous.get('step')}, not --step {args.step}")
+        points = previous["points"]
     for item in args.run:
         label, _, folder = item.partition("=")
-        points.append({"label": label, **run_point(Path(folder), args.step)})
+        point = {"label": label, **run_point(Path(folder), args.step)}
+        points = [p for p in points if (p["run"], p["label"]) != (point["run"], point["label"])] + [point]
     publish("alignment_curve", {"step": args.step, "points": points}, markdown, plot)
 
 
