@@ -1,10 +1,12 @@
-"""Assemble benchmarks/results/*.md into the README's results section.
+"""Summarise benchmarks/results/ in the README's results section: one table of headline numbers, then links.
 
 Rewrites the block between `<!-- results:start -->` and `<!-- results:end -->` in README.md (the markers are
-appended at the end of the file when missing; nothing outside them changes). Sections come in a fixed order
-(quality, latency, memory, throughput, then any other result alphabetically), headings are nested under one
-"Results" heading, image links are made relative to the README, and the machine each result was measured on
-(CPU model, cores, torch threads, from the results' JSON) is stated. Usage:
+appended at the end of the file when missing; nothing outside them changes). The headline table is read from
+`quality.json` (test nDCG@10, head vs teacher, per dataset and mean; the static peer) and `latency.json` (encode
+latency, teacher vs head, batch 1 and 32); every result table (`*.md`, in a fixed order: quality, latency, memory,
+throughput, then the rest alphabetically) is linked with its title, the quality and latency plots are shown, and
+the machine each result was measured on (CPU model, cores, torch threads, from the results' JSON) is stated. The
+full tables stay in `benchmarks/results/` only: the README does not repeat them. Usage:
 
     .venv/bin/python benchmarks/report.py [--results benchmarks/results] [--readme README.md] [--check]
 """
@@ -23,8 +25,6 @@ from common import RESULTS, ROOT
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ORDER = ("quality", "latency", "memory", "throughput")
-_HEADING = re.compile(r"^(#+)(\s)", re.MULTILINE)
-_IMAGE = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)(\))")
 
 
 def machine_of(json_path: Path) -> dict[str, Any] | None:
@@ -34,28 +34,6 @@ def machine_of(json_path: Path) -> dict[str, Any] | None:
         return None
     machine = data.get("machine")
     return machine if isinstance(machine, dict) and "cpu" in machine else None
-
-
-def nest(markdown: str, level: int = 3) -> str:
-    """Shift headings so the shallowest becomes `level` (e.g. '## Memory' -> '### Memory')."""
-    levels = [len(m.group(1)) for m in _HEADING.finditer(markdown)]
-    if not levels:
-        return markdown
-    shift = level - min(levels)
-    return _HEADING.sub(lambda m: "#" * max(1, len(m.group(1)) + shift) + m.group(2), markdown)
-
-
-def relink(markdown: str, results: Path, readme: Path) -> str:
-    """Image paths relative to the results folder -> relative to the README's folder."""
-
-    def fix(m: re.Match) -> str:
-        target = m.group(2)
-        if "://" in target or target.startswith("/"):
-            return m.group(0)
-        path = Path(os.path.relpath(results / target, readme.parent)).as_posix()
-        return f"{m.group(1)}{path}{m.group(3)}"
-
-    return _IMAGE.sub(fix, markdown)
 
 
 def ordered(results: Path) -> list[Path]:
@@ -82,25 +60,71 @@ def threads_of(json_path: Path, machine: dict[str, Any] | None) -> str:
         return "?"
 
 
+def _json(results: Path, name: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((results / f"{name}.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def headline_rows(results: Path) -> list[str]:
+    """Markdown rows `| what | teacher | head | head vs teacher |` from quality.json and latency.json."""
+    rows = []
+    quality = _json(results, "quality")
+    if quality:
+        for d in quality.get("datasets", []):
+            m = d["metrics"]
+            rows.append(f"| nDCG@10, {d['dataset']} test ({d['queries']} q) | {m['teacher']['ndcg@10']:.3f} | "
+                        f"{m['head']['ndcg@10']:.3f} | {d['retention']['ndcg@10']:.1%} retained |")
+        mean = quality.get("mean_retention", {}).get("ndcg@10")
+        static = quality.get("peers", {}).get("mean_retention", {}).get("static", {}).get("ndcg@10")
+        if mean is not None:
+            peer = f" (static peer distilled from the teacher: {static:.1%})" if static is not None else ""
+            rows.append(f"| **nDCG@10, mean of the test splits** | | | **{mean:.1%} retained**{peer} |")
+    latency = _json(results, "latency")
+    if latency:
+        for b in latency.get("batches", []):
+            rows.append(f"| encode latency, batch {b['batch_size']} (median ms; head on the LM's states) | "
+                        f"{b['teacher']['median_ms']:.2f} | {b['head']['median_ms']:.3f} | "
+                        f"{b['speedup_a_over_c']:.0f}x faster (float16 weights "
+                        f"{b.get('speedup_a_over_c_float16', float('nan')):.0f}x) |")
+    return rows
+
+
+def title_of(md: Path) -> str:
+    first = md.read_text(encoding="utf-8").lstrip().splitlines()[:1]
+    return first[0].lstrip("#").strip() if first else md.stem
+
+
 def build_section(results: Path, readme: Path, heading: bool = True) -> str:
     files = ordered(results)
     lines = ["## Results", ""] if heading else []
     if not files:
         lines.append("No benchmark results yet: run the scripts in `benchmarks/`, then `benchmarks/report.py`.")
         return "\n".join(lines)
+    rel = Path(os.path.relpath(results, readme.parent)).as_posix()
+    rows = headline_rows(results)
+    if rows:
+        head = _json(results, "quality") or {}
+        spec = head.get("head", {}).get("spec", "the shipped head")
+        lines += [f"Headline numbers of `{spec}` against its teacher, measured side by side (full tables linked "
+                  "below):", "", "| | teacher | head | head vs teacher |", "|---|---:|---:|---|", *rows, ""]
+    for plot in ("quality", "latency"):
+        if (results / f"{plot}.png").is_file():
+            lines.append(f"![{plot}]({rel}/{plot}.png)")
+    lines += ["", "All results (each script in `benchmarks/` writes its JSON and table there):", ""]
+    titles = [title_of(md) for md in files]
+    lines += [f"- [{t}]({rel}/{md.name})" + (f" (`{md.stem}`)" if titles.count(t) > 1 else "")
+              for t, md in zip(titles, files, strict=True)]
     machines: dict[str, list[str]] = {}
     for md in files:
         json_path = md.with_suffix(".json")
         machine = machine_of(json_path)
         key = hardware(machine) if machine else "machine not recorded"
-        machines.setdefault(key, []).append(f"{md.stem} ({threads_of(json_path, machine)} torch thread(s))")
-    lines.append("Measured on:")
+        machines.setdefault(key, []).append(f"{md.stem} ({threads_of(json_path, machine)})")
+    lines += ["", "Measured on (torch threads in brackets):"]
     lines += [f"- {desc}: {', '.join(stems)}" for desc, stems in machines.items()]
-    lines += ["", "Generated by `benchmarks/report.py` from `benchmarks/results/` (each script writes its JSON and "
-                  "table there; rerun a script, then this)."]
-    for md in files:
-        body = md.read_text(encoding="utf-8").strip()
-        lines += ["", relink(nest(body), results, readme)]
+    lines += ["", "Generated by `benchmarks/report.py` from `benchmarks/results/` (rerun a script, then this)."]
     return "\n".join(lines)
 
 
