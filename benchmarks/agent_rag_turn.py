@@ -7,12 +7,17 @@
 (a) and (b) answer from the query turn's KV cache (`NativeRetriever.answer`), so they too never prefill the
 dialogue twice: what differs is the query the LM must write first, and who embeds it.
 
+Each path runs twice: "cold", the turn starts from nothing (the whole dialogue is prefilled in it), and "warm",
+the earlier turns are already in the KV cache (`NativeRetriever.prefill(history)`, untimed), as in a running chat
+where the agent computed them in earlier turns: only the user's new message and what follows is the turn's.
+
 Per path, each in its own process (so peak RSS is the path's own): time to the first answer token (median,
 p90), turn time, base forward calls and tokens computed, peak RSS, and nDCG@10 / R@10 of the search against the
 gold documents (top 10 ranked; the top `--k` are the answer's passages), beside the teacher on the dialogue.
 Writes benchmarks/results/agent_rag_turn.{json,md,png}. Usage:
 
     .venv/bin/python benchmarks/agent_rag_turn.py [--head DIR] [--dialogues 40] [--answer-tokens 32] [--threads 2]
+        [--history cold warm]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from common import DATA, ROOT, describe_machine, fmt, machine_info, publish, pyp
 DATASET = "dstc11_track5_val_reviewdoc"
 PATHS = {"a": "(a) two-model: LM query -> teacher", "b": "(b) native: LM query -> head",
          "c": "(c) native search-first: prefill -> head"}
+HISTORY = {"cold": "the whole dialogue computed in the turn", "warm": "earlier turns already in the KV cache"}
 
 
 def sample(model: Any, n: int) -> tuple[Any, list[Any]]:
@@ -72,14 +78,16 @@ def worker(args: argparse.Namespace) -> None:
     rows = []
     for i, query in enumerate(queries):
         messages = query.as_messages()
+        cache = query_agent.prefill(messages[:-1]) if "warm" in args.history and len(messages) > 1 else None
+        history_tokens = len(cache.ids) if cache is not None else 0
         started = time.perf_counter()
         with torch.inference_mode(), count_forwards(model.base_model) as calls:
             if args.worker == "c":
-                turn = first.turn(messages, max_new_tokens=args.answer_tokens)
+                turn = first.turn(messages, max_new_tokens=args.answer_tokens, cache=cache)
                 embedding, first_token_s, answer = turn.embedding, turn.timings["first_token_s"], turn.answer
                 query_text = None
             else:
-                result = query_agent.generate_and_search(messages, k=args.k, max_new_tokens=24)
+                result = query_agent.generate_and_search(messages, k=args.k, max_new_tokens=24, cache=cache)
                 query_text = result.query_text
                 embedding = result.query_embedding
                 if teacher is not None:
@@ -94,7 +102,7 @@ def worker(args: argparse.Namespace) -> None:
         _, ranked = index.search(embedding.reshape(1, -1).numpy(), 10)  # untimed: the metrics' top 10
         plain_text = model.tokenizer.apply_chat_template(model.renderer.messages(messages), tokenize=False,
                                                          add_generation_prompt=True)
-        plain = len(model.tokenizer(plain_text, add_special_tokens=False)["input_ids"])
+        plain = len(model.tokenizer(plain_text, add_special_tokens=False)["input_ids"]) - history_tokens
         if i == 0:
             continue
         rows.append({"id": query.id, "first_token_s": first_token_s, "total_s": total_s, "forwards": calls.count,
@@ -137,37 +145,42 @@ def summarize_path(rows: list[dict[str, Any]], qrels: Any) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    p, ref = result["paths"], result["teacher_on_dialogue"]
-    a_ttft = p["a"]["first_token_s"]["median"]
+    runs, ref = result["history"], result["teacher_on_dialogue"]
     lines = [
         "# The whole agent turn: search, then answer (DSTC11 test dialogues)",
         "",
         f"{result['dialogues']} held-out dialogues (after one warm-up), greedy answers of at most "
         f"{result['answer_tokens']} tokens from the top {result['k']} passages; each path in its own process, "
-        f"{result['threads']} threads. Head: `{result['head']}`. Machine: {describe_machine(result['machine'])}.",
+        f"{result['threads']} threads. Head: `{result['head']}`. Machine: {describe_machine(result['machine'])}. "
+        "Cold: the turn computes the whole dialogue. Warm: the earlier turns are already in the KV cache "
+        "(`NativeRetriever.prefill`, untimed), as in a running chat; the turn computes the user's new message "
+        "and what follows.",
         "",
-        "| path | first answer token, median (s) | p90 (s) | vs (a) | turn (s) | forward calls | tokens computed "
-        "| peak RSS (MiB) | nDCG@10 | R@10 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| history | path | first answer token, median (s) | p90 (s) | vs (a) | turn (s) | forward calls "
+        "| tokens computed | peak RSS (MiB) | nDCG@10 | R@10 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for key, label in PATHS.items():
-        s = p[key]
-        lines.append(
-            f"| {label} | {fmt(s['first_token_s']['median'], 2)} | {fmt(s['first_token_s']['p90'], 2)} | "
-            f"{a_ttft / s['first_token_s']['median']:.1f}x | {fmt(s['total_s']['median'], 2)} | {s['forwards']:.1f} | "
-            f"{s['tokens']:.0f} | {s['peak_rss_mib']:.0f} | {fmt(s['quality']['ndcg@10'])} | "
-            f"{fmt(s['quality']['recall@10'])} |")
-    lines.append(f"| teacher on the dialogue (quality reference) | | | | | | | | {fmt(ref['ndcg@10'])} | "
+    for history, p in runs.items():
+        a_ttft = p["a"]["first_token_s"]["median"]
+        for key, label in PATHS.items():
+            s = p[key]
+            lines.append(
+                f"| {history} | {label} | {fmt(s['first_token_s']['median'], 2)} | {fmt(s['first_token_s']['p90'], 2)} "
+                f"| {a_ttft / s['first_token_s']['median']:.1f}x | {fmt(s['total_s']['median'], 2)} | "
+                f"{s['forwards']:.1f} | {s['tokens']:.0f} | {s['peak_rss_mib']:.0f} | {fmt(s['quality']['ndcg@10'])} | "
+                f"{fmt(s['quality']['recall@10'])} |")
+    lines.append(f"| | teacher on the dialogue (quality reference) | | | | | | | | {fmt(ref['ndcg@10'])} | "
                  f"{fmt(ref['recall@10'])} |")
-    c = p["c"]
-    plain = c["plain_prompt_tokens"] + result["answer_tokens"] - 1
-    lines += [
-        "",
-        f"Plain answering without retrieval would compute ~{plain:.0f} tokens (the dialogue + the answer prompt + "
-        f"up to {result['answer_tokens']} answer tokens); (c) computes {c['tokens']:.0f}: that plus the passages "
-        "and nothing else (no query written, no token of the dialogue twice). (a) and (b) add the query the LM "
-        "writes and the instruction asking for it.",
-    ]
+    lines.append("")
+    for history, p in runs.items():
+        c = p["c"]
+        plain = c["plain_prompt_tokens"] + result["answer_tokens"] - 1
+        lines.append(
+            f"- {history}: plain answering without retrieval would compute ~{plain:.0f} tokens (the "
+            f"{'dialogue' if history == 'cold' else 'new message'} + the answer prompt + up to "
+            f"{result['answer_tokens']} answer tokens); (c) computes {c['tokens']:.0f}: that plus the passages and "
+            "nothing else (no query written, no token twice). (a) and (b) add the query the LM writes and the "
+            "instruction asking for it.")
     if result.get("plot"):
         lines += ["", f"![time to first answer token]({result['plot']})"]
     return "\n".join(lines)
@@ -177,10 +190,16 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    fig, ax = plt.subplots(figsize=(7, 3))
+    runs = result["history"]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
     labels = [PATHS[k].split(":")[0] for k in PATHS]
-    ax.barh(labels, [result["paths"][k]["first_token_s"]["median"] for k in PATHS], color=["#999", "#69c", "#36a"])
+    height = 0.8 / len(runs)
+    for i, (history, p) in enumerate(runs.items()):
+        ax.barh([y + i * height for y in range(len(PATHS))], [p[k]["first_token_s"]["median"] for k in PATHS],
+                height=height, label=HISTORY[history], color=["#69c", "#36a"][i % 2])
+    ax.set_yticks([y + height * (len(runs) - 1) / 2 for y in range(len(PATHS))], labels)
     ax.invert_yaxis()
+    ax.legend(fontsize=8)
     ax.set_xlabel("time to the first answer token, median (s)")
     ax.set_title("One agent turn with retrieval (SmolLM2-135M, 2 CPU cores)")
     fig.tight_layout()
@@ -199,6 +218,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--index", default=str(ROOT / ".cache" / "indexes" / DATASET),
                         help="The teacher's index of the corpus (built by benchmarks/quality.py or `eval`).")
+    parser.add_argument("--history", nargs="+", choices=sorted(HISTORY), default=list(HISTORY),
+                        help="cold: the turn prefills the whole dialogue; warm: earlier turns are cached already")
     parser.add_argument("--worker", choices=sorted(PATHS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -219,23 +240,25 @@ def main() -> None:
     if not (Path(args.index) / META_FILE).is_file():
         raise SystemExit(f"error: no index in {args.index}; run benchmarks/quality.py first (it builds it)")
     index = DocumentIndex.load(args.index, expected_teacher=TeacherFingerprint.from_dict(model.config.teacher))
-    paths = {}
+    runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for key in PATHS:
-            out = Path(tmp) / f"{key}.json"
-            command = [sys.executable, __file__, "--worker", key, "--out", str(out), "--head", args.head,
-                       "--dialogues", str(args.dialogues), "--answer-tokens", str(args.answer_tokens),
-                       "--k", str(args.k), "--passage-chars", str(args.passage_chars), "--threads", str(args.threads),
-                       "--index", args.index]
-            print(f"path {key} ...", file=sys.stderr, flush=True)
-            subprocess.run(command, check=True)
-            data = json.loads(out.read_text())
-            paths[key] = {**summarize_path(data["rows"], dataset.qrels), "peak_rss_mib": data["peak_rss_mib"],
-                          "examples": data["rows"][:3]}
+        for history in args.history:
+            for key in PATHS:
+                out = Path(tmp) / f"{key}-{history}.json"
+                command = [sys.executable, __file__, "--worker", key, "--history", history, "--out", str(out),
+                           "--head", args.head, "--dialogues", str(args.dialogues), "--answer-tokens",
+                           str(args.answer_tokens), "--k", str(args.k), "--passage-chars", str(args.passage_chars),
+                           "--threads", str(args.threads), "--index", args.index]
+                print(f"path {key}, {history} ...", file=sys.stderr, flush=True)
+                subprocess.run(command, check=True)
+                data = json.loads(out.read_text())
+                runs.setdefault(history, {})[key] = {**summarize_path(data["rows"], dataset.qrels),
+                                                     "peak_rss_mib": data["peak_rss_mib"],
+                                                     "examples": data["rows"][:3]}
     reference = quality(teacher_reference(model, dataset, queries, index), [q.id for q in queries], dataset.qrels)
     result = {"benchmark": "agent_rag_turn", "machine": machine_info(), "head": repo_relative(args.head),
               "dataset": DATASET, "dialogues": len(queries), "answer_tokens": args.answer_tokens, "k": args.k,
-              "passage_chars": args.passage_chars, "threads": args.threads, "paths": paths,
+              "passage_chars": args.passage_chars, "threads": args.threads, "history": runs,
               "teacher_on_dialogue": reference}
     publish("agent_rag_turn", result, markdown, plot)
 

@@ -55,8 +55,9 @@ def agent_turn_speed(results: Path, head: Path) -> dict[str, Any]:
     if Path(spec).resolve() != head.resolve():
         return {}
     names = {"a": "two_model", "b": "native_query", "c": "search_first"}
-    return {f"agent_turn_first_token_s_{names[k]}": round(p["first_token_s"]["median"], 2)
-            for k, p in data["paths"].items()}
+    return {f"agent_turn_first_token_s_{names[k]}" + ("" if history == "cold" else f"_{history}"):
+            round(p["first_token_s"]["median"], 2)
+            for history, paths in data["history"].items() for k, p in paths.items()}
 
 
 def card_metrics(quality: dict[str, Any], latency: dict[str, Any], head: Path) -> dict[str, Any]:

@@ -294,6 +294,25 @@ class NativeRetriever:
         cache.ids = cache.ids[:common]
         return common
 
+    def prefill(self, messages: Sequence[Message]) -> TurnCache:
+        """The KV cache of a conversation so far, as a chat holds it from its earlier turns (no generation prompt).
+
+        A next `SearchFirstAgent.turn(messages + [user message], cache=...)` or `generate_and_search(...,
+        cache=...)` computes only what follows it: e.g. a stored history prefilled while the user types.
+        """
+        if not is_conversation(messages):
+            raise ValueError("prefill() needs a non-empty conversation (a list of {'role': ..., 'content': ...})")
+        if self.model.config.query_template != "chat":
+            raise ValueError("prefill() renders the conversation with the chat template; this head uses "
+                             f"query_template={self.model.config.query_template!r}")
+        text = self.tokenizer.apply_chat_template(self.model.renderer.messages(list(messages)), tokenize=False,
+                                                  add_generation_prompt=False)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids = torch.tensor([ids], device=self.model.device)
+        with torch.inference_mode():
+            out = self.model.base_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True)
+        return TurnCache(list(ids), output_cache(out), text=text)
+
     # --- conversation mode (no generation) ---------------------------------------------------------------
     def embed_conversation(
         self, messages: Sequence[Message], return_cache: bool = False, cache: TurnCache | None = None

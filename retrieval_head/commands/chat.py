@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval_head.core.quantization import QUANTIZE_TO
+from retrieval_head.io.load import quantize_option
 
 
 def register(subparsers: Any) -> None:
@@ -43,8 +44,9 @@ def register(subparsers: Any) -> None:
                              "generation's "
                              "prefill (default; what a head trained on dialogues reads best), or the query the LM "
                              "writes")
-    parser.add_argument("--quantize-head-to", choices=QUANTIZE_TO, default=None,
-                        help="run the head with float16 or int8 weights on the CPU (2x / 4x fewer bytes per query)")
+    parser.add_argument("--quantize-head-to", choices=("float32", *QUANTIZE_TO), default=None,
+                        help="the head's weights on the CPU: float16 / int8 read 2x / 4x fewer bytes per query than "
+                             "float32 (default: the head config's quantize_to)")
     parser.add_argument("--system", default=None, help="system message of the conversation")
     parser.add_argument("--no-check-teacher", action="store_true",
                         help="skip the check that the index was built by the head's teacher")
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from retrieval_head.agent import NativeRetriever
     from retrieval_head.core.model import RetrievalModel
 
-    model = RetrievalModel.from_pretrained(args.head, quantize_head_to=args.quantize_head_to)
+    model = RetrievalModel.from_pretrained(args.head, quantize_head_to=quantize_option(args.quantize_head_to))
     corpus = _read_corpus(Path(args.data)) if args.data else None
     index = _load_index(args, model, corpus)
     agent = NativeRetriever(model, index, check_teacher=not args.no_check_teacher, search_with=args.search_with)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval_head.core.quantization import QUANTIZE_TO
+from retrieval_head.io.load import quantize_option
 
 
 def register(subparsers: Any) -> None:
@@ -45,8 +46,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="Encode batch size (default: %(default)s).")
     parser.add_argument("--worst", type=int, default=10, help="Worst queries listed (default: %(default)s).")
     parser.add_argument("--no-bm25", action="store_true", help="Skip the BM25 floor.")
-    parser.add_argument("--quantize-head-to", choices=QUANTIZE_TO, default=None,
-                        help="Evaluate the head run with float16 or int8 weights (CPU; default: fp32).")
+    parser.add_argument("--quantize-head-to", choices=("float32", *QUANTIZE_TO), default=None,
+                        help="Evaluate the head run with float32, float16 or int8 weights (CPU; default: the head "
+                             "config's quantize_to).")
     parser.add_argument("--device", default=None, help="Torch device for the LM, head and teacher (default: cpu).")
     parser.add_argument("--progress", action="store_true", help="Show progress bars.")
     parser.set_defaults(run=run)
@@ -110,7 +112,8 @@ def evaluate_head(args: argparse.Namespace) -> dict[str, Any]:
     from retrieval_head.retrieval.data import load_dataset_folder
 
     dataset = load_dataset_folder(args.data)  # first: a bad folder fails before any model loads
-    model = RetrievalModel.from_pretrained(args.head, device=args.device, quantize_head_to=args.quantize_head_to)
+    model = RetrievalModel.from_pretrained(args.head, device=args.device,
+                                           quantize_head_to=quantize_option(args.quantize_head_to))
     info = model.config.teacher or {}
     if not info.get("teacher_id"):
         raise ValueError(f"the head {args.head} records no teacher (config.json has no 'teacher' fingerprint), so "

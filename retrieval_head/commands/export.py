@@ -27,7 +27,7 @@ def _run(args: argparse.Namespace) -> int:
     from retrieval_head.io.export import ExportError, export_sentence_transformer, push_export
 
     try:
-        model = RetrievalModel.from_pretrained(args.head, revision=args.revision)
+        model = RetrievalModel.from_pretrained(args.head, revision=args.revision, quantize_head_to=None)  # fp32
         result = export_sentence_transformer(model, args.output, overwrite=args.overwrite)
     except (ExportError, HeadFolderError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from transformers import PretrainedConfig
 
 from retrieval_head.core.errors import RetrievalHeadError
+from retrieval_head.core.quantization import QUANTIZE_TO
 from retrieval_head.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,13 @@ class RetrievalHeadConfig(PretrainedConfig):
         default=None, metadata={"help": "System message put before the conversation ('chat' template)."}
     )
     max_length: int = field(default=512, metadata={"help": "Tokens kept per input; history is cut from the left."})
+    quantize_to: str | None = field(
+        default=None,
+        metadata={"help": f"Weight precision of the dense layers at CPU inference, applied when the head loads: one "
+                          f"of {QUANTIZE_TO} (float16 reads half the bytes per query and retrieves the same "
+                          "documents: benchmarks/results/quantization.md); None = fp32. Training, gradients, "
+                          "GPUs and save_pretrained always use the fp32 weights."},
+    )
     prompts: dict[str, str] = field(
         default_factory=lambda: {"query": "", "document": ""},
         metadata={"help": "Named prompts for `encode(prompt_name=...)`, as in sentence-transformers."},
@@ -164,6 +172,9 @@ class RetrievalHeadConfig(PretrainedConfig):
         if self.static_span not in STATIC_SPANS:
             raise ValueError(f"RetrievalHeadConfig.static_span={self.static_span!r} is not supported; use one of "
                              f"{STATIC_SPANS}.")
+        if self.quantize_to is not None and self.quantize_to not in QUANTIZE_TO:
+            raise ValueError(f"RetrievalHeadConfig.quantize_to={self.quantize_to!r} is not supported; use one of "
+                             f"{QUANTIZE_TO} or None (fp32).")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"RetrievalHeadConfig.dropout must be in [0, 1), got {self.dropout}.")
         if self.base_num_layers is not None:

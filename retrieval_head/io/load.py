@@ -15,6 +15,8 @@ from retrieval_head.io.folder import HeadFolderError, check_weights, read_config
 if TYPE_CHECKING:
     from retrieval_head.core.model import RetrievalModel
 
+FROM_CONFIG = "config"
+"""`quantize_head_to` default: the precision the head's config names (`RetrievalHeadConfig.quantize_to`)."""
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
 
 
@@ -47,13 +49,14 @@ def load_retrieval_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     allow_merged: bool = False,
-    quantize_head_to: str | None = None,
+    quantize_head_to: str | None = FROM_CONFIG,
     **kwargs: Any,
 ) -> RetrievalModel:
     """Build base + head from a head folder/repo; `config` is accepted for transformers' Auto classes.
 
     `quantize_head_to` ("float16" or "int8") runs the head's dense layers with lower-precision weights on the
-    CPU (`RetrievalModel.quantize_head`); checked before anything loads.
+    CPU (`RetrievalModel.quantize_head`), None with fp32 weights; the default, "config", takes the head config's
+    `quantize_to` when the head is on the CPU. Checked before anything loads.
     """
     hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
     for ignored in ("trust_remote_code", "_from_auto", "_from_pipeline", "adapter_kwargs", "proxies"):
@@ -64,7 +67,7 @@ def load_retrieval_model(
                          "give the path (or Hub id) of that folder itself.")
     if kwargs:
         raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(sorted(kwargs))}.")
-    if quantize_head_to is not None:
+    if quantize_head_to not in (None, FROM_CONFIG):
         check_quantize_to(quantize_head_to)
     folder = resolve_head_folder(head_name_or_path, **hub_kwargs)
     head_config = read_config(folder)
@@ -90,6 +93,19 @@ def load_retrieval_model(
         from retrieval_head.adapters.encode_adapter import load_encode_adapter
 
         load_encode_adapter(model, folder)
+    if quantize_head_to == FROM_CONFIG:
+        quantize_head_to = head_config.quantize_to if config_quantizes(model.head) else None
     if quantize_head_to is not None:
         model.quantize_head(quantize_head_to)
     return model
+
+
+def config_quantizes(head: nn.Module) -> bool:
+    """Whether a loaded head runs with its config's `quantize_to`: one is named, and the head is on the CPU
+    (elsewhere the fp32 weights are fast already, and quantized kernels are CPU-only)."""
+    return bool(head.config.quantize_to) and not head.token_level and next(head.parameters()).device.type == "cpu"
+
+
+def quantize_option(choice: str | None) -> str | None:
+    """A command line's `--quantize-head-to` as `quantize_head_to`: unset = the config's, "float32" = None."""
+    return FROM_CONFIG if choice is None else None if choice == "float32" else choice

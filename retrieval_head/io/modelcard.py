@@ -209,6 +209,7 @@ def render_card(
         static_dim=config.static_dim,
         query_template=config.query_template,
         max_length=config.max_length,
+        quantize_to=config.quantize_to or "None (fp32)",
         output_dim=config.output_dim,
         normalize=config.normalize,
         similarity_fn_name=teacher.get("similarity_fn_name") or "cosine",

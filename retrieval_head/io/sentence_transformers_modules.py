@@ -41,6 +41,7 @@ from retrieval_head.io.folder import (
     read_weights,
     save_head,
 )
+from retrieval_head.io.load import config_quantizes
 
 
 def _head_folder(
@@ -146,6 +147,8 @@ class RetrievalHeadPooling(Module):
             check_weights(self.head, state_dict, "the head folder")
             self.head.load_state_dict(state_dict)
         self.head.eval()
+        if config_quantizes(self.head):  # the config's inference precision, as RetrievalModel.from_pretrained
+            self.head.quantize(config.quantize_to)
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         states = features["token_embeddings"]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from retrieval_head.io.tensor_cache import TensorCache
-from retrieval_head.retrieval.data import RetrievalDataset, load_dataset_folder
+from retrieval_head.retrieval.data import Query, RetrievalDataset, load_dataset_folder
 from retrieval_head.retrieval.fingerprint import TeacherFingerprint
 from retrieval_head.retrieval.teacher import teacher_embeddings, teacher_max_tokens, teacher_query_text, teacher_top_k
 from retrieval_head.training.features import cached_features, feature_key, with_static_ids
@@ -56,7 +56,7 @@ class Source:
     """One source of examples; every tensor's rows align with `items`."""
 
     name: str
-    kind: str  # "queries" | "corpus" | "texts"
+    kind: str  # "queries" | "dialogues" | "corpus" | "texts"
     items: list[Any]
     features: dict[str, torch.Tensor]
     teacher: torch.Tensor
@@ -196,6 +196,27 @@ class ExampleSet:
         return batch
 
 
+def sub_dialogues(queries: Sequence[Query], exclude: Sequence[Query] = ()) -> list[Query]:
+    """Every earlier user turn of these dialogues as a query of its own, with the turns before it as history.
+
+    Label-free conversational queries (the teacher embeds them like any query): a dialogue of n user turns
+    gives n - 1. Repeats (dialogues that share a prefix) and any query of `exclude` (the dev and test splits)
+    are left out, so no held-out query is trained on.
+    """
+    seen = {(q.history, q.text) for q in exclude}
+    out = []
+    for q in queries:
+        for i, role in enumerate(q.roles()):
+            if role != "user":
+                continue
+            sub = Query(f"{q.id}#turn{i}", q.history[i], q.history[:i],
+                        None if q.history_speakers is None else q.history_speakers[:i])
+            if (sub.history, sub.text) not in seen:
+                seen.add((sub.history, sub.text))
+                out.append(sub)
+    return out
+
+
 def _sample(rows: list[int], cap: int | None, seed: int) -> list[int]:
     if cap is None or len(rows) <= cap:
         return rows
@@ -315,6 +336,16 @@ def build_training_data(
             splits={s: [local[r] for r in rows] for s, rows in chosen.items()}, dataset=dataset,
             query_ids=[q.id for q in queries], doc_range=(start, len(doc_ids)), evaluate=evaluate,
         ))
+        if d.sub_dialogues:
+            subs = sub_dialogues([dataset.queries[r] for r in chosen["train"]], [*split.dev, *split.test])
+            if subs:
+                emb = teacher_of([teacher_query_text(q, tokenizer, max_tokens) for q in subs])
+                items = [lm_input(q) for q in subs]
+                sources.append(Source(
+                    name=f"{name}:dialogues", kind="dialogues", items=items, features=features_of(items),
+                    teacher=emb, top_k=teacher_top_k(emb, doc_emb, recipe.loss.top_k) + start,
+                    gold=[[] for _ in subs], splits={"train": list(range(len(subs)))},
+                ))
         if d.corpus_texts is None or d.corpus_texts > 0:
             texts = corpus_sentences(dataset, d.corpus_texts, seed)
             emb = teacher_of(texts)

@@ -56,11 +56,14 @@ class TeacherSpec:
 HEAD_FIELDS = (
     "layer", "pooling", "head_type", "inner_dim", "num_head_layers", "num_attention_heads", "dropout", "static_dim",
     "static_base_embeddings", "static_span", "output_dim", "normalize", "query_template", "system_prompt", "max_length",
+    "quantize_to",
 )
 """The `RetrievalHeadConfig` fields a recipe's `head:` section sets (the rest come from the base, teacher, seed)."""
-HEAD_DEFAULTS: dict[str, Any] = {"layer": 24, "static_dim": 256, "output_dim": None, "max_length": 256}
+HEAD_DEFAULTS: dict[str, Any] = {"layer": 24, "static_dim": 256, "output_dim": None, "max_length": 256,
+                                 "quantize_to": "float16"}
 """Where the recipe's default differs from the config's: layer and static width chosen on dev (EXPERIMENTS.md),
-the teacher's own dim (None) and its max_seq_length."""
+the teacher's own dim (None), its max_seq_length, and float16 weights at CPU inference (the same retrieval,
+half the bytes read per query: benchmarks/results/quantization.md)."""
 
 
 def _head_spec() -> type:
@@ -105,6 +108,9 @@ class DataSpec:
     max_test_queries: int | None = None  # per eval dataset; None = all
     corpus_texts: int | None = 4096  # per dataset: corpus sentences as extra label-free alignment texts; None = all
     text_files: list[str] = field(default_factory=list)  # extra plain-text files, one training text a line
+    # every earlier user turn of each train dialogue, read with the turns before it, as an extra label-free query
+    # (source "<dataset>:dialogues"): query-like conversational text for the alignment losses
+    sub_dialogues: bool = False
     sample_seed: int = 0
     # train rows of these sources repeated N times an epoch: "<dataset>", "<dataset>:corpus" or a text file's name
     # (the default gives the two evaluated datasets 3x; chosen on their dev splits, training/EXPERIMENTS.md)
@@ -219,7 +225,8 @@ class Recipe:
         _check(d.corpus_texts is None or d.corpus_texts >= 0, "data.corpus_texts", d.corpus_texts, ">= 0 or null")
         _check(all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in d.oversample.values()),
                "data.oversample", d.oversample, "a mapping of source name -> integer >= 1")
-        sources = set(d.datasets) | {f"{n}:corpus" for n in d.datasets} | {Path(p).name for p in d.text_files}
+        sources = (set(d.datasets) | {f"{n}:{kind}" for n in d.datasets for kind in ("corpus", "dialogues")}
+                   | {Path(p).name for p in d.text_files})
         _check(set(d.oversample) <= sources, "data.oversample", d.oversample,
                f"names among the recipe's sources {sorted(sources)}; set data.oversample to {{}} (or name "
                "sources of data.datasets) when you change data.datasets")

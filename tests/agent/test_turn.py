@@ -77,6 +77,26 @@ def test_the_next_turn_reuses_every_token_already_computed():
     assert second.doc_ids == fresh.doc_ids and second.answer == fresh.answer
 
 
+def test_a_prefilled_history_leaves_only_the_new_user_message_to_compute():
+    agent = make_agent()
+    history, question = CONV[:-1], CONV[-1]["content"]
+    cache = agent.retriever.prefill(history)
+    assert cache.cache.get_seq_length() == len(cache.ids) and CONV[-1]["content"] not in cache.text
+    with count_forwards(agent.model.base_model) as calls:
+        warm = agent.turn(CONV, max_new_tokens=5, cache=cache, **NO_SPECIALS)
+    cold = agent.turn(CONV, max_new_tokens=5, **NO_SPECIALS)
+    assert warm.tokens["reused"] == len(cache.ids) > 0
+    assert warm.tokens["dialogue"] == cold.tokens["dialogue"] - len(cache.ids)  # the history never runs again
+    assert calls.tokens == cold.tokens["computed"] - len(cache.ids)
+    assert torch.allclose(warm.embedding, cold.embedding, atol=1e-4)
+    assert warm.doc_ids == cold.doc_ids and warm.answer == cold.answer
+    assert question in agent.model.renderer.render_text(CONV)[0][len(cache.text):]
+    query_turn = agent.retriever.generate_and_search(CONV, max_new_tokens=4, cache=agent.retriever.prefill(history))
+    assert query_turn.timings["cached_prompt_tokens"] == len(cache.ids)  # the query-writing path reuses it too
+    with pytest.raises(ValueError, match="non-empty conversation"):
+        agent.retriever.prefill([])
+
+
 def test_a_batch_is_one_prefill_and_answers_as_each_alone():
     agent = make_agent()
     batch = agent.turns([CONV, SHORT], max_new_tokens=4, **NO_SPECIALS)

@@ -298,6 +298,20 @@ def test_a_quantized_head_saves_its_fp32_weights_and_loads_quantized(tmp_path, d
     assert RetrievalModel.from_pretrained(folder).head.quantized_to is None
 
 
+def test_the_configs_quantize_to_is_applied_on_load_and_an_explicit_choice_wins(tmp_path) -> None:
+    model, folder = saved(tmp_path, quantize_to="float16")
+    exact = model.encode(TEXTS)  # the model that trained/saved it runs fp32
+    loaded = RetrievalModel.from_pretrained(folder)
+    assert model.head.quantized_to is None and loaded.head.quantized_to == "float16"
+    quantized = loaded.encode(TEXTS)
+    assert not np.array_equal(quantized, exact) and np.abs(quantized - exact).max() < 2e-3
+    assert RetrievalModel.from_pretrained(folder, quantize_head_to=None).head.quantized_to is None
+    assert RetrievalModel.from_pretrained(folder, quantize_head_to="int8").head.quantized_to == "int8"
+    assert read_config(loaded.save_pretrained(tmp_path / "again")).quantize_to == "float16"
+    with pytest.raises(ValueError, match="quantize_to='bf16'"):
+        small_config(quantize_to="bf16")
+
+
 def test_from_pretrained_checks_quantize_head_to_before_loading(tmp_path) -> None:
     from retrieval_head import HeadQuantizationError
 
@@ -359,3 +373,9 @@ def test_a_path_that_is_neither_a_folder_nor_a_hub_id_says_so(tmp_path) -> None:
     missing = tmp_path / "no" / "such" / "head"
     with pytest.raises(HeadFolderError, match="no such folder, and not a Hub repo id"):
         RetrievalModel.from_pretrained(missing)
+
+
+def test_the_command_line_precision_choices_map_to_quantize_head_to() -> None:
+    from retrieval_head.io.load import FROM_CONFIG, quantize_option
+
+    assert [quantize_option(c) for c in (None, "float32", "float16", "int8")] == [FROM_CONFIG, None, "float16", "int8"]

@@ -190,3 +190,10 @@ def test_a_conversation_wide_static_branch_gives_the_same_vectors(base_dir: Path
     assert_same(load_sentence_transformer(tmp_path).encode(CONVERSATIONS), model.encode(CONVERSATIONS))
     assert_same(again.encode(CONVERSATIONS), model.encode(CONVERSATIONS))
     assert_same(load_sentence_transformer(tmp_path).encode(TEXTS), model.encode(TEXTS))
+
+
+def test_the_configs_head_precision_is_what_sentence_transformers_runs(base_dir: Path, tmp_path: Path) -> None:
+    make_head(base_dir, tmp_path, quantize_to="float16", static_dim=4)
+    st = load_sentence_transformer(tmp_path)
+    assert st[1].head.quantized_to == "float16"
+    assert_same(st.encode(TEXTS), RetrievalModel.from_pretrained(tmp_path).encode(TEXTS))

@@ -1,4 +1,5 @@
-"""retrieval_head.training.datasets: oversampling, corpus sampling, text files (and what it cannot read)."""
+"""retrieval_head.training.datasets: oversampling, corpus sampling, sub-dialogues, text files (and what it cannot
+read)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import write_tiny_dataset
+from training_helpers import tiny_models, tiny_recipe, write_tiny_dataset
 
-from retrieval_head.retrieval.data import load_dataset_folder
-from retrieval_head.training.datasets import Source, corpus_sentences, oversample, read_text_file
+from retrieval_head.retrieval.data import Query, load_dataset_folder
+from retrieval_head.training import Trainer
+from retrieval_head.training.datasets import (
+    Source,
+    corpus_sentences,
+    lm_input,
+    oversample,
+    read_text_file,
+    sub_dialogues,
+)
 from retrieval_head.training.recipe import RecipeError
 
 
@@ -56,3 +65,28 @@ def test_text_files_name_the_file_and_line_of_what_cannot_be_read(tmp_path: Path
     long.write_text("short\n" + "x" * 50 + "\n")
     with pytest.raises(ValueError, match="long.txt, line 2: 50 characters"):
         read_text_file(long, max_chars=40)
+
+
+def test_sub_dialogues_make_every_earlier_user_turn_a_query_of_its_own() -> None:
+    dialogue = Query("q", "and the price?", ("find a hotel", "the Acorn", "is it quiet?", "yes"), ("U", "S", "U", "S"))
+    subs = sub_dialogues([dialogue, dialogue])  # a repeated dialogue adds nothing twice
+    assert [(s.text, s.history, s.history_speakers) for s in subs] == [
+        ("find a hotel", (), ()), ("is it quiet?", ("find a hotel", "the Acorn"), ("U", "S"))]
+    held_out = Query("dev", "is it quiet?", ("find a hotel", "the Acorn"))
+    assert [s.text for s in sub_dialogues([dialogue], exclude=[held_out])] == ["find a hotel"]
+    assert sub_dialogues([Query("single", "a question")]) == []
+
+
+def test_sub_dialogues_come_only_from_train_dialogues(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path).replace(**{"data.sub_dialogues": True, "data.corpus_texts": 0})
+    base, tokenizer, teacher = tiny_models()
+    data = Trainer(recipe, tmp_path / "run", base=base, tokenizer=tokenizer, teacher=teacher,
+                   show_progress_bar=False).build_data()
+    queries, subs = data.sources
+    assert subs.name == "tiny:dialogues" and subs.kind == "dialogues" and set(subs.splits) == {"train"}
+    train_ids = {queries.query_ids[r] for r in queries.splits["train"]}
+    split = queries.dataset.split(0.2, 0.2, seed=0)
+    expected = sub_dialogues([q for q in split.train if q.id in train_ids], [*split.dev, *split.test])
+    assert len(expected) > 0 and subs.items == [lm_input(q) for q in expected]
+    assert subs.teacher.shape == (len(expected), 16) and len(subs.features["mean.L3"]) == len(expected)
+    assert all(row.split("#")[0] in train_ids for row in (q.id for q in expected))
