@@ -118,16 +118,24 @@ class NativeRetriever:
     def assistant_prefix(self) -> str:
         return self.open_marker if self.prefill_open_marker else ""
 
-    def query_prompt(self, messages: Sequence[Message]) -> QueryPrompt:
+    def query_prompt(self, messages: Sequence[Message], cache: TurnCache | None = None) -> QueryPrompt:
         """The query prompt: the conversation as `model.encode` tokenizes it (cut after the last message's text),
-        then the instruction, the assistant header and the open marker."""
+        then the instruction, the assistant header and the open marker. With a `cache` of the chat's earlier
+        turns (`prefill`, a search-first turn) whose text begins the conversation, the prompt continues its ids:
+        the whole dialogue, not cut to the head's `max_length`, as the chat holds it."""
         text = self.tokenizer.apply_chat_template(
             self.query_messages(messages), tokenize=False, add_generation_prompt=True
         ) + self.assistant_prefix()
         renderer = self.model.renderer
-        head_text, _, _ = renderer.render_text(list(messages))
+        head_text, char_start, char_end = renderer.render_text(list(messages))
         if not text.startswith(head_text):  # e.g. a 'plain' head template: no shared prefix to reuse
             return QueryPrompt(self.tokenizer(text, add_special_tokens=False)["input_ids"], None)
+        wide = self.model.config.static_span == "conversation" and self.model.head.uses_ids
+        if cache is not None and cache.text and cache.ids and head_text.startswith(cache.text) and not wide:
+            n = len(cache.text)
+            ids, start, end = token_span(self.tokenizer, head_text[n:], char_start - n, char_end - n)
+            tail = self.tokenizer(text[len(head_text):], add_special_tokens=False)["input_ids"]
+            return QueryPrompt(cache.ids + ids + tail, (len(cache.ids) + start, len(cache.ids) + end))
         rendered = renderer.render(list(messages))
         rest = self.tokenizer(text[len(head_text):], add_special_tokens=False)["input_ids"]
         return QueryPrompt(rendered.input_ids + rest, (rendered.span_start, rendered.span_end), rendered)
@@ -159,7 +167,7 @@ class NativeRetriever:
             raise TypeError("messages must be a conversation (list of {'role', 'content'}) or a list of them")
         if cache is not None and not single:
             raise ValueError("cache reuse is supported for one conversation at a time")
-        results = self._generate_and_embed([self.query_prompt(c) for c in conversations], max_new_tokens, cache,
+        results = self._generate_and_embed([self.query_prompt(c, cache) for c in conversations], max_new_tokens, cache,
                                            stop_at_close_marker, generate_kwargs)
         if self.index is not None:
             start = time.perf_counter()
@@ -397,6 +405,15 @@ class NativeRetriever:
         past = output_cache(out)
         reply = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         return reply, (TurnCache(ids + new[:-1], past) if past is not None else None)
+
+
+def token_span(tokenizer: Any, text: str, char_start: int, char_end: int) -> tuple[list[int], int, int]:
+    """Token ids of `text` and the token span `[start, end)` covering its characters `[char_start, char_end)`."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > char_start and a < char_end and b > a]
+    if not inside:
+        raise ValueError("the last user message has no tokens: there is nothing to search for")
+    return list(enc["input_ids"]), inside[0], inside[-1] + 1
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import torch
 
 from retrieval_head.agent.capture import LayerCapture
 from retrieval_head.agent.results import Hit, TurnCache
-from retrieval_head.agent.retriever import NativeRetriever, head_in_eval
+from retrieval_head.agent.retriever import NativeRetriever, head_in_eval, token_span
 from retrieval_head.core.kv_cache import output_cache
 from retrieval_head.core.templates import Message, RenderedInput, context_length, is_conversation
 
@@ -266,15 +266,6 @@ def check_k(k: int) -> int:
     if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
         raise ValueError(f"k must be a positive number of passages, got {k!r}")
     return k
-
-
-def token_span(tokenizer: Any, text: str, char_start: int, char_end: int) -> tuple[list[int], int, int]:
-    """Token ids of `text` and the token span `[start, end)` covering its characters `[char_start, char_end)`."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > char_start and a < char_end and b > a]
-    if not inside:
-        raise ValueError("the last user message has no tokens: there is nothing to search for")
-    return list(enc["input_ids"]), inside[0], inside[-1] + 1
 
 
 def row_cache(cache: Any, row: int, start: int) -> Any:

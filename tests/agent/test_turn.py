@@ -97,6 +97,22 @@ def test_a_prefilled_history_leaves_only_the_new_user_message_to_compute():
         agent.retriever.prefill([])
 
 
+def test_the_query_path_continues_a_prefilled_history_past_the_heads_window():
+    retriever = NativeRetriever(make_model(), make_index())
+    long = [{"role": "user", "content": "tell me about the rooms " * 12}, {"role": "assistant", "content": "sure " * 30},
+            {"role": "user", "content": "do they allow pets"}]
+    retriever.model.renderer.max_length = 24  # the head's window is shorter than the dialogue
+    cut = retriever.query_prompt(long)
+    cache = retriever.prefill(long[:-1])
+    full = retriever.query_prompt(long, cache)
+    assert len(cut.input_ids) < len(full.input_ids) and full.input_ids[: len(cache.ids)] == cache.ids
+    start, end = full.user_span
+    said = retriever.tokenizer.decode(full.input_ids[start:end])
+    assert said.strip() == "do they allow pets"
+    result = retriever.generate_and_search(long, max_new_tokens=3, cache=cache)
+    assert result.timings["cached_prompt_tokens"] == len(cache.ids)  # none of the history runs again
+
+
 def test_a_batch_is_one_prefill_and_answers_as_each_alone():
     agent = make_agent()
     batch = agent.turns([CONV, SHORT], max_new_tokens=4, **NO_SPECIALS)
