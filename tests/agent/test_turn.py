@@ -99,7 +99,7 @@ def test_a_prefilled_history_leaves_only_the_new_user_message_to_compute():
 
 def test_the_query_path_continues_a_prefilled_history_past_the_heads_window():
     retriever = NativeRetriever(make_model(), make_index())
-    long = [{"role": "user", "content": "tell me about the rooms " * 12}, 
+    long = [{"role": "user", "content": "tell me about the rooms " * 12},
             {"role": "assistant", "content": "sure " * 30},
             {"role": "user", "content": "do they allow pets"}]
     retriever.model.renderer.max_length = 24  # the head's window is shorter than the dialogue
