@@ -150,7 +150,7 @@ def head_summary(model: Any) -> dict[str, Any]:
     c = model.config
     return {"base": c.base_model_name_or_path, "layer": c.layer, "pooling": c.pooling, "head_type": c.head_type,
             "inner_dim": c.inner_dim, "parameters": model.num_head_parameters(),
-            "teacher": (c.teacher or {}).get("teacher_id")}
+            "teacher": (c.teacher or {}).get("teacher_id"), "quantize_to": c.quantize_to}
 
 
 def summarize(seconds: list[float]) -> dict[str, float]:

@@ -227,6 +227,11 @@ def markdown(result: dict[str, Any]) -> str:
         "path, where generation already computed the states and only the head runs."
         + (f" Target (a)/(c) >= {TARGET_SPEEDUP}x at batch 1: {target}." if ones else ""),
     ]
+    if "quantize_to" in result["head"]:
+        default = result["head"]["quantize_to"] or "fp32"
+        lines += ["", f"The head loads with **{default}** weights by default (its config's `quantize_to`, applied on "
+                      "the CPU by `from_pretrained`): that row is what a user's agent runs; `quantize_head_to=None` "
+                      "gives the fp32 row."]
     if result.get("plot"):
         lines += ["", f"![query latency]({result['plot']})"]
     return "\n".join(lines)

@@ -115,8 +115,8 @@ class RetrievalHeadConfig(PretrainedConfig):
     quantize_to: str | None = field(
         default=None,
         metadata={"help": f"Weight precision of the dense layers at CPU inference, applied when the head loads: one "
-                          f"of {QUANTIZE_TO} (float16 reads half the bytes per query and retrieves the same "
-                          "documents: benchmarks/results/quantization.md); None = fp32. Training, gradients, "
+                          f"of {QUANTIZE_TO} (float16 reads half the bytes per query and keeps the fp32 "
+                          "head's top 10: benchmarks/results/quantization.md); None = fp32. Training, gradients, "
                           "GPUs and save_pretrained always use the fp32 weights."},
     )
     prompts: dict[str, str] = field(

@@ -62,7 +62,7 @@ HEAD_FIELDS = (
 HEAD_DEFAULTS: dict[str, Any] = {"layer": 24, "static_dim": 256, "output_dim": None, "max_length": 256,
                                  "quantize_to": "float16"}
 """Where the recipe's default differs from the config's: layer and static width chosen on dev (EXPERIMENTS.md),
-the teacher's own dim (None), its max_seq_length, and float16 weights at CPU inference (the same retrieval,
+the teacher's own dim (None), its max_seq_length, and float16 weights at CPU inference (fp32 retention to 0.1 point,
 half the bytes read per query: benchmarks/results/quantization.md)."""
 
 
