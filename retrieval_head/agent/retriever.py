@@ -21,9 +21,10 @@ import torch
 
 from retrieval_head.adapters.encode_adapter import EncodeAdapterError, has_encode_adapter
 from retrieval_head.agent.capture import LayerCapture, find_capture_point
+from retrieval_head.agent.history import prefill_history
 from retrieval_head.agent.prompts import DEFAULT_CLOSE, DEFAULT_INSTRUCTION, DEFAULT_OPEN, QueryPrompt
 from retrieval_head.agent.results import AgentResult, ConversationEmbedding, Hit, TurnCache
-from retrieval_head.agent.span import EmptyQuerySpanError, find_query_span
+from retrieval_head.agent.span import EmptyQuerySpanError, find_query_span, token_span
 from retrieval_head.core.base import base_of
 from retrieval_head.core.kv_cache import cache_kwarg, output_cache
 from retrieval_head.core.model import RetrievalModel
@@ -303,23 +304,8 @@ class NativeRetriever:
         return common
 
     def prefill(self, messages: Sequence[Message]) -> TurnCache:
-        """The KV cache of a conversation so far, as a chat holds it from its earlier turns (no generation prompt).
-
-        A next `SearchFirstAgent.turn(messages + [user message], cache=...)` or `generate_and_search(...,
-        cache=...)` computes only what follows it: e.g. a stored history prefilled while the user types.
-        """
-        if not is_conversation(messages):
-            raise ValueError("prefill() needs a non-empty conversation (a list of {'role': ..., 'content': ...})")
-        if self.model.config.query_template != "chat":
-            raise ValueError("prefill() renders the conversation with the chat template; this head uses "
-                             f"query_template={self.model.config.query_template!r}")
-        text = self.tokenizer.apply_chat_template(self.model.renderer.messages(list(messages)), tokenize=False,
-                                                  add_generation_prompt=False)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        input_ids = torch.tensor([ids], device=self.model.device)
-        with torch.inference_mode():
-            out = self.model.base_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True)
-        return TurnCache(list(ids), output_cache(out), text=text)
+        """The KV cache of a chat's earlier turns, which a next turn continues (`agent.history.prefill_history`)."""
+        return prefill_history(self.model, messages)
 
     # --- conversation mode (no generation) ---------------------------------------------------------------
     def embed_conversation(
@@ -405,15 +391,6 @@ class NativeRetriever:
         past = output_cache(out)
         reply = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         return reply, (TurnCache(ids + new[:-1], past) if past is not None else None)
-
-
-def token_span(tokenizer: Any, text: str, char_start: int, char_end: int) -> tuple[list[int], int, int]:
-    """Token ids of `text` and the token span `[start, end)` covering its characters `[char_start, char_end)`."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > char_start and a < char_end and b > a]
-    if not inside:
-        raise ValueError("the last user message has no tokens: there is nothing to search for")
-    return list(enc["input_ids"]), inside[0], inside[-1] + 1
 
 
 @contextlib.contextmanager

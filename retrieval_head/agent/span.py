@@ -124,3 +124,12 @@ def find_query_span(
         extra = f"the last {dropped} query token(s) have no state (generation stopped on them) and are left out"
         note = f"{note}; {extra}" if note else extra
     return QuerySpan(start, end, char_start, char_end, source, dropped), text, note
+
+
+def token_span(tokenizer: Any, text: str, char_start: int, char_end: int) -> tuple[list[int], int, int]:
+    """Token ids of `text` and the token span `[start, end)` covering its characters `[char_start, char_end)`."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > char_start and a < char_end and b > a]
+    if not inside:
+        raise ValueError("the last user message has no tokens: there is nothing to search for")
+    return list(enc["input_ids"]), inside[0], inside[-1] + 1

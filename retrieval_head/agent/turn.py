@@ -25,7 +25,8 @@ import torch
 
 from retrieval_head.agent.capture import LayerCapture
 from retrieval_head.agent.results import Hit, TurnCache
-from retrieval_head.agent.retriever import NativeRetriever, head_in_eval, token_span
+from retrieval_head.agent.retriever import NativeRetriever, head_in_eval
+from retrieval_head.agent.span import token_span
 from retrieval_head.core.kv_cache import output_cache
 from retrieval_head.core.templates import Message, RenderedInput, context_length, is_conversation
 
