@@ -131,8 +131,9 @@ def markdown(result: dict[str, Any]) -> str:
     mean = result["mean_retention"]
     means = ", ".join(f"{key} {100 * mean[key]['ndcg@10']:.1f}%" for key in map(label, PRECISIONS))
     lines.append(f"Mean nDCG@10 retention over the datasets: {means}. Speed of each: `latency.md`.")
-    if result["head"].get("default_weights"):
-        lines.append(f"The head loads with {result['head']['default_weights']} weights by default (its config's "
+    if "quantize_to" in result["head"]:
+        weights = result["head"]["quantize_to"] or "float32"
+        lines.append(f"The head loads with {weights} weights by default (its config's "
                      "`quantize_to`); `quantize_head_to=None` gives the fp32 rows.")
     return "\n".join(lines)
 
@@ -148,7 +149,6 @@ def main() -> None:
     from retrieval_head.evaluation.compare import check_teacher
 
     model, teacher, description = load_model_and_teacher(spec, args.layer, args.head_type)
-    default_weights = model.head.quantized_to or "float32"  # what from_pretrained gives (the config's quantize_to)
     model.quantize_head(None)  # the baseline: the fp32 weights as trained
     fingerprint = check_teacher(model, teacher)
     started = time.perf_counter()
@@ -160,8 +160,7 @@ def main() -> None:
     keys = [label(d) for d in PRECISIONS]
     result = {
         "benchmark": "quantization", "machine": machine_info(), "max_queries": args.max_queries,
-        "head": {**head_summary(model), "description": description, "spec": spec, "default_weights": default_weights},
-        "datasets": reports,
+        "head": {**head_summary(model), "description": description, "spec": spec}, "datasets": reports,
         "mean_retention": {k: {m: float(np.mean([r["precisions"][k]["retention"][m] for r in reports]))
                                for m in METRICS} for k in keys},
         "wall_s": round(time.perf_counter() - started, 1),

@@ -84,16 +84,15 @@ def headline_rows(results: Path) -> list[str]:
     latency = _json(results, "latency")
     if latency:
         default = latency.get("head", {}).get("quantize_to")  # the precision the head loads with
-        key, other, other_key = ((f"head_{default}", "fp32", "head") if default else
-                                 ("head", "float16", "head_float16"))
         for b in latency.get("batches", []):
-            if key not in b:
-                key, other, other_key = "head", "float16", "head_float16"
+            key = f"head_{default}" if default and f"head_{default}" in b else "head"
+            other = "head" if key != "head" else "head_float16"
+            label = {"head": "fp32", "head_float16": "float16"}
             speed = b["teacher"]["median_ms"] / b[key]["median_ms"]
-            slower = b["teacher"]["median_ms"] / b[other_key]["median_ms"] if other_key in b else float("nan")
+            slower = b["teacher"]["median_ms"] / b[other]["median_ms"] if other in b else float("nan")
             rows.append(f"| encode latency, batch {b['batch_size']} (median ms; head on the LM's states, "
-                        f"{default or 'fp32'} weights: the default) | {b['teacher']['median_ms']:.2f} | "
-                        f"{b[key]['median_ms']:.3f} | {speed:.0f}x faster ({other} weights {slower:.0f}x) |")
+                        f"{label.get(key, default)} weights: the default) | {b['teacher']['median_ms']:.2f} | "
+                        f"{b[key]['median_ms']:.3f} | {speed:.0f}x faster ({label[other]} weights {slower:.0f}x) |")
     return rows
 
 
