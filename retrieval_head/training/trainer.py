@@ -46,7 +46,14 @@ from retrieval_head.training.setup import (
     training_summary,
 )
 from retrieval_head.training.split_evaluation import SplitEvaluator, format_report, score
-from retrieval_head.training.steps import EpochOrder, FeatureHead, loss_inputs, on_device, parameter_groups
+from retrieval_head.training.steps import (
+    EpochOrder,
+    FeatureHead,
+    loss_inputs,
+    on_device,
+    parameter_groups,
+    regularize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +254,8 @@ class Trainer:
                 reason = "a non-finite loss on another process"
                 with acc.accumulate(head):
                     try:
-                        student = head(batch["features"], batch.get("mask"), batch.get("span_ids"))
+                        inputs = regularize(batch, t.token_dropout, t.feature_dropout)
+                        student = head(inputs["features"], inputs.get("mask"), inputs.get("span_ids"))
                         total, parts = loss_fn(student, batch["teacher"],
                                                **loss_inputs(recipe.loss, batch, documents, acc))
                         bad = torch.zeros((), device=acc.device)
