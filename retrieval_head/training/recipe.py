@@ -139,6 +139,7 @@ class TrainSpec:
     weight_decay: float = 0.01
     token_dropout: float = 0.0  # train only: each span id of the static branch dropped with this probability
     feature_dropout: float = 0.0  # train only: dropout on the head's pooled LM features
+    ema_decay: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights (0 = off)
     batch_size: int = 64  # per process
     grad_accum: int = 1
     max_steps: int = 12000  # optimizer steps (chosen on the dev splits, training/EXPERIMENTS.md)
@@ -245,7 +246,7 @@ class Recipe:
         _check(t.static_lr_scale >= 0, "train.static_lr_scale", t.static_lr_scale, ">= 0 (0 = a frozen table)")
         _check(t.static_init in ("random", "lexical"), "train.static_init", t.static_init, "random or lexical")
         _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
-        for name in ("token_dropout", "feature_dropout"):
+        for name in ("token_dropout", "feature_dropout", "ema_decay"):
             _check(0 <= getattr(t, name) < 1, f"train.{name}", getattr(t, name), "in [0, 1)")
         _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "in [0, 1)")
         _check(t.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision", t.mixed_precision,

@@ -35,6 +35,7 @@ from torch import nn
 from retrieval_head.core.errors import RetrievalHeadError
 from retrieval_head.io.folder import save_head
 from retrieval_head.retrieval.fingerprint import TeacherFingerprint
+from retrieval_head.training.averaging import weight_average
 from retrieval_head.training.datasets import TrainingData, build_training_data
 from retrieval_head.training.recipe import Recipe, check_resumable
 from retrieval_head.training.setup import (
@@ -218,6 +219,10 @@ class Trainer:
                                              generator=torch.Generator().manual_seed(t.seed))
         head, optimizer, loader = acc.prepare(head, optimizer, loader)
         acc.register_for_checkpointing(scheduler)
+        averaged = weight_average(acc.unwrap_model(head).head, t.ema_decay)
+        if averaged is not None:
+            acc.register_for_checkpointing(averaged)
+        evaluated = head if averaged is None else FeatureHead(averaged.module)  # what dev sees and BEST holds
         documents = data.documents.to(acc.device)
         from retrieval_head.training.losses import DistillationLoss
 
@@ -274,6 +279,8 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 scheduler.step()
+                if averaged is not None:
+                    averaged.update_parameters(acc.unwrap_model(head).head)
                 state["step"] += 1
                 bar.update(1)
                 if self.on_step is not None:
@@ -282,7 +289,7 @@ class Trainer:
                     self._log({"step": state["step"], "epoch": state["epoch"], "lr": scheduler.get_last_lr()[0],
                                **{f"loss/{k}": round(v, 6) for k, v in parts.items()}})
                 if state["step"] % t.eval_every == 0 or state["step"] == t.max_steps:
-                    last_dev = self._evaluate(head, dev_eval, state)
+                    last_dev = self._evaluate(evaluated, dev_eval, state)
                 if state["step"] % t.save_every == 0 or state["step"] == t.max_steps:
                     self._save_checkpoint(state)
                 if self.stop_after_steps is not None and state["step"] >= self.stop_after_steps:

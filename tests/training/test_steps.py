@@ -1,0 +1,47 @@
+"""The training step's input regularizers (`regularize`)."""
+
+import pytest
+import torch
+
+from retrieval_head.training.recipe import Recipe, RecipeError
+from retrieval_head.training.steps import regularize
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[5, 6, 7, 8, -1, -1], [9, -1, -1, -1, -1, -1], [1, 2, 3, 4, 5, 6]])
+    return {"features": torch.randn(3, 16), "span_ids": ids, "teacher": torch.randn(3, 4)}
+
+
+def test_zero_rates_give_the_batch_back_unchanged():
+    batch = _batch()
+    out = regularize(batch, 0.0, 0.0)
+    assert out["features"] is batch["features"] and out["span_ids"] is batch["span_ids"]
+
+
+def test_token_dropout_drops_ids_but_never_a_whole_row_and_never_invents_one():
+    batch = _batch()
+    generator = torch.Generator().manual_seed(0)
+    dropped = 0
+    for _ in range(200):
+        ids = regularize(batch, 0.9, 0.0, generator)["span_ids"]
+        assert ((ids >= 0).sum(1) >= 1).all()  # every row keeps at least one id
+        kept = ids[ids >= 0]
+        assert set(kept.tolist()) <= set(batch["span_ids"][batch["span_ids"] >= 0].tolist())
+        assert ((ids == batch["span_ids"]) | (ids == -1)).all()  # ids stay in place
+        dropped += int(((batch["span_ids"] >= 0) & (ids < 0)).sum())
+    assert dropped > 0.8 * 200 * 10 * 0.9 * 0.8  # most of the 10 droppable ids go at p=0.9
+
+
+def test_feature_dropout_zeroes_a_fraction_and_rescales_the_rest():
+    batch = {"features": torch.ones(64, 256)}
+    out = regularize(batch, 0.0, 0.25, torch.Generator().manual_seed(0))["features"]
+    zero = (out == 0).float().mean().item()
+    assert 0.2 < zero < 0.3
+    assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], 1 / 0.75))
+    assert torch.equal(batch["features"], torch.ones(64, 256))  # the cached batch is not changed in place
+
+
+@pytest.mark.parametrize("name", ["token_dropout", "feature_dropout"])
+def test_rates_outside_zero_one_are_refused(name):
+    with pytest.raises(RecipeError, match=f"train.{name}"):
+        Recipe().replace(**{f"train.{name}": 1.0}).validate()
