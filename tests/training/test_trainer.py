@@ -154,3 +154,30 @@ def test_a_static_branch_trains_on_the_cached_span_ids_and_is_saved(tmp_path):
     saved = load_file(str(tmp_path / "out/retrieval_head.safetensors"))
     assert saved["static.weight"].shape == (300, 4)
     assert saved["static_out.weight"].abs().sum() > 0  # zero at init: the loss reached the branch
+
+
+def test_ema_head_is_what_dev_sees_and_what_is_saved_and_it_survives_resume(tmp_path):
+    recipe = tiny_recipe(tmp_path).replace(**{"train.ema_decay": 0.9, "train.eval_every": 12,
+                                              "train.save_every": 3})
+    result = run(recipe, tmp_path / "full")
+    assert result.best_step == 12
+    saved = load_file(str(tmp_path / "full" / "retrieval_head.safetensors"))
+    raw = weights(tmp_path / "full/checkpoints/step-12")
+    ema = torch.load(tmp_path / "full/checkpoints/step-12/custom_checkpoint_1.pkl", weights_only=True)
+    key = "project.0.weight"
+    assert not torch.allclose(saved[key], raw[f"head.{key}"])  # the saved head is not the last step's weights ...
+    assert torch.equal(saved[key], ema[f"module.{key}"])  # ... but their average, as checkpointed
+    killed = run(recipe, tmp_path / "resumed", stop_after_steps=5)  # last checkpoint: step 3, mid-epoch
+    assert killed.stopped
+    run(recipe, tmp_path / "resumed", resume=True)
+    resumed = load_file(str(tmp_path / "resumed" / "retrieval_head.safetensors"))
+    assert all(torch.equal(saved[k], resumed[k]) for k in saved)
+
+
+def test_input_regularizers_change_training_and_keep_it_finite(tmp_path):
+    plain = tiny_recipe(tmp_path).replace(**{"head.static_dim": 8, "train.static_init": "random"})
+    run(plain, tmp_path / "plain")
+    run(plain.replace(**{"train.token_dropout": 0.3, "train.feature_dropout": 0.2}), tmp_path / "reg")
+    a, b = weights(tmp_path / "plain/checkpoints/step-12"), weights(tmp_path / "reg/checkpoints/step-12")
+    assert all(torch.isfinite(v).all() for v in b.values())
+    assert not torch.equal(a["head.static.weight"], b["head.static.weight"])
