@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "retrieval_head"
-POOLINGS = ("mean", "last_token")
+FEATURE_POOLINGS = ("mean", "last_token")  # weight-free: a cached feature can hold them
+POOLINGS = (*FEATURE_POOLINGS, "attention")
 HEAD_TYPES = ("linear", "mlp", "transformer")
 TEMPLATES = ("chat", "plain")
 STATIC_SPANS = ("text", "conversation")
@@ -77,12 +78,18 @@ class RetrievalHeadConfig(PretrainedConfig):
         metadata={"help": "Hidden layer the head reads: 0 = embeddings, 1..L = blocks, negative counts from the end."},
     )
     pooling: str = field(
-        default="mean", metadata={"help": f"How token states of the text are pooled: one of {POOLINGS}."}
+        default="mean",
+        metadata={"help": f"How token states of the text are pooled: one of {POOLINGS}. 'attention' (linear / mlp "
+                          "heads): a learned softmax over the span's tokens per group of hidden dims (num_attention_"
+                          "heads groups), one more for the static branch's ids; it starts as the plain mean."},
     )
     head_type: str = field(default="mlp", metadata={"help": f"Head architecture: one of {HEAD_TYPES}."})
     inner_dim: int = field(default=1024, metadata={"help": "Width of the MLP / transformer head."})
     num_head_layers: int = field(default=1, metadata={"help": "Encoder layers of the 'transformer' head."})
-    num_attention_heads: int = field(default=8, metadata={"help": "Attention heads of the 'transformer' head."})
+    num_attention_heads: int = field(
+        default=8,
+        metadata={"help": "Attention heads of the 'transformer' head, or weight groups of 'attention' pooling."},
+    )
     static_dim: int = field(
         default=0,
         metadata={"help": "Width of the static (lexical) branch: a learned table over the LM token ids of the text's "
@@ -158,6 +165,9 @@ class RetrievalHeadConfig(PretrainedConfig):
             raise ValueError(
                 f"RetrievalHeadConfig.head_type={self.head_type!r} is not supported; use one of {HEAD_TYPES}."
             )
+        if self.pooling == "attention" and self.head_type == "transformer":
+            raise ValueError("RetrievalHeadConfig.pooling='attention' is for 'linear' and 'mlp' heads; a 'transformer' "
+                             "head already attends over the span: use pooling='mean' with it.")
         if self.query_template not in TEMPLATES:
             raise ValueError(
                 f"RetrievalHeadConfig.query_template={self.query_template!r} is not supported; use one of {TEMPLATES}."

@@ -30,6 +30,11 @@ class ProjectionHead(nn.Module):
     that a mean-pooled hidden layer blurs. At query time it is one gather and a mean over ids the LM already has.
     With `config.static_base_embeddings` the branch also pools the base's own input embeddings of those ids
     (`tie_input_embeddings`: a reference to the base's module, not a parameter of the head, never saved).
+
+    With `config.pooling="attention"` a `linear`/`mlp` head pools with learned weights: a softmax over the span's
+    tokens of a linear score of each token's state, one per group of hidden dims (`num_attention_heads` groups),
+    and, for a static branch over the span, one more that weighs its ids. The scores start at zero, so a fresh head
+    pools exactly as `mean` does; such a head reads every span token's state (`token_level`).
     """
 
     def __init__(self, config: RetrievalHeadConfig, hidden_size: int) -> None:
@@ -85,6 +90,12 @@ class ProjectionHead(nn.Module):
             width = config.static_dim + (hidden_size if config.static_base_embeddings else 0)
             self.static_out = nn.Linear(width, config.output_dim, bias=False)
             nn.init.zeros_(self.static_out.weight)  # a fresh branch adds nothing: training starts from the MLP
+        self.attend: nn.Linear | None = None
+        if config.pooling == "attention":
+            weighs_ids = bool(config.static_dim) and config.static_span == "text"
+            self.attend = nn.Linear(hidden_size, config.num_attention_heads + int(weighs_ids))
+            nn.init.zeros_(self.attend.weight)  # uniform weights: a fresh head pools as the mean does
+            nn.init.zeros_(self.attend.bias)
 
     @property
     def uses_ids(self) -> bool:
@@ -100,10 +111,14 @@ class ProjectionHead(nn.Module):
         """Give the static branch the base's input-embedding module (`base.get_input_embeddings()`) to read."""
         self._input_embeddings = (embeddings,)
 
-    def static_pool(self, span_ids: torch.Tensor, padded: bool | None = None) -> torch.Tensor:
+    def static_pool(self, span_ids: torch.Tensor, padded: bool | None = None,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
         """The static branch's pooled input: mean over each row's ids (-1 = padding) of the table's rows,
         followed, with `static_base_embeddings`, by the mean of the base's standardised input embeddings.
-        `padded=False` says that no id is -1 (the check is then skipped); None: look."""
+        `padded=False` says that no id is -1 (the check is then skipped); None: look. `weights` [B, L] (attention
+        pooling's, zero on padding) replace the mean by a weighted sum."""
+        if weights is not None:
+            return self._weighted_static_pool(span_ids, weights)
         if padded is None:
             padded = not span_ids.numel() or int(span_ids.min()) < 0
         if not (self.config.static_base_embeddings or padded):
@@ -125,10 +140,42 @@ class ProjectionHead(nn.Module):
         vectors = F.layer_norm(vectors, vectors.shape[-1:])
         return torch.cat([pooled, (vectors * weights).sum(1)], dim=-1)
 
+    def _weighted_static_pool(self, span_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if span_ids.shape != weights.shape:
+            raise ValueError(f"the static branch's ids {tuple(span_ids.shape)} are not the span's tokens "
+                             f"{tuple(weights.shape)} that attention pooling weighs; give the span's ids "
+                             "(input_ids with the span mask), not other static ids.")
+        ids = span_ids.clamp_min(0)
+        weights = weights.unsqueeze(-1)
+        pooled = (F.embedding(ids, self.static.weight) * weights).sum(1)
+        if not self.config.static_base_embeddings:
+            return pooled
+        if not self._input_embeddings:
+            raise ValueError("this head's static branch reads the base's input embeddings "
+                             "(static_base_embeddings): attach it to its base with get_retrieval_model(), or call "
+                             "head.tie_input_embeddings(base.get_input_embeddings()).")
+        embeddings = self._input_embeddings[0]
+        with torch.no_grad():
+            vectors = embeddings(ids.to(embeddings.weight.device)).to(pooled.device).float()
+        vectors = F.layer_norm(vectors, vectors.shape[-1:])
+        return torch.cat([pooled, (vectors * weights).sum(1)], dim=-1)
+
     @property
     def token_level(self) -> bool:
-        """Whether the head needs every token's state (transformer) rather than a pooled vector."""
-        return self.head_type == "transformer"
+        """Whether the head needs every token's state (transformer, attention pooling) rather than a pooled vector."""
+        return self.head_type == "transformer" or self.attend is not None
+
+    def attention_pool(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention pooling of standardised states [B, T, H] over the span `mask` [B, T]: (pooled [B, H], the
+        static branch's weights [B, T] or None). Each group of hidden dims has its own softmax over the span."""
+        valid = mask.bool().unsqueeze(-1)
+        scores = F.linear(states, self.attend.weight, self.attend.bias)
+        weights = torch.softmax(scores.masked_fill(~valid, torch.finfo(scores.dtype).min), dim=1) * valid
+        groups = self.config.num_attention_heads
+        hidden = states.shape[-1]
+        group_of_dim = torch.arange(hidden, device=states.device) * groups // hidden
+        pooled = (states * weights[..., group_of_dim]).sum(1)
+        return pooled, (weights[..., groups] if weights.shape[-1] > groups else None)
 
     def features(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Weight-free input of the head: standardised states, pooled unless the head is token-level."""
@@ -139,11 +186,14 @@ class ProjectionHead(nn.Module):
                          span_ids: torch.Tensor | None = None, ids_padded: bool | None = None) -> torch.Tensor:
         """Map `features()` output (and, for a static branch, `span_ids` [B, L], -1 padded) to embeddings
         (L2-normalised when the config says so). `ids_padded=False` says that no span id is -1."""
-        if self.token_level:
+        static_weights = None
+        if self.attend is not None:
+            features, static_weights = self.attention_pool(features, mask)
+        if self.head_type == "transformer":
             tokens = self.encoder(self.token_in(features), src_key_padding_mask=~mask.bool())
             out = self.project(pool(tokens, mask, self.pooling))
         elif self.static is not None and span_ids is not None and self._fuses(features):
-            static = self.static_pool(span_ids.to(features.device), ids_padded)
+            static = self.static_pool(span_ids.to(features.device), ids_padded, static_weights)
             return self._normalized(self._fused_static(features, static))
         else:
             packed = self._packed_layers(features) if self.quantized_to else None
@@ -162,7 +212,8 @@ class ProjectionHead(nn.Module):
                 raise ValueError("this head has a static branch (static_dim > 0): it needs the span's token ids; "
                                  "call head(states, mask, input_ids) or RetrievalModel.embed_hidden_states(..., "
                                  "input_ids=...)")
-            out = out + F.linear(self.static_pool(span_ids.to(out.device), ids_padded), self.static_out.weight)
+            static = self.static_pool(span_ids.to(out.device), ids_padded, static_weights)
+            out = out + F.linear(static, self.static_out.weight)
         return self._normalized(out)
 
     def _normalized(self, out: torch.Tensor) -> torch.Tensor:
@@ -200,7 +251,7 @@ class ProjectionHead(nn.Module):
             self.quantized_to, self._packed = None, None
             return self
         check_quantize_to(dtype)
-        if self.token_level:
+        if self.head_type == "transformer":
             raise HeadQuantizationError("quantize() supports 'linear' and 'mlp' heads; this head is 'transformer' "
                                         "(its encoder runs in fp32). Leave it unquantized.")
         device = self._dense[0].weight.device

@@ -50,7 +50,8 @@ def exportable(model: Any) -> str | None:
         return ("its static branch (static_dim > 0) reads a learned table of the LM's token ids, and no built-in "
                 "sentence-transformers module adds such a bag to a transformer's pooled states")
     if head.token_level:
-        return "it is a token-level (transformer) head, which no built-in module runs over the states"
+        return ("it is a token-level head (a transformer head or attention pooling), which no built-in module runs "
+                "over the states")
     if head.quantized_to:
         return f"it runs with {head.quantized_to} weights; export the fp32 head (quantize_head(None))"
     if config.pooling != "mean":

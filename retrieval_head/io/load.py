@@ -103,7 +103,8 @@ def load_retrieval_model(
 def config_quantizes(head: nn.Module) -> bool:
     """Whether a loaded head runs with its config's `quantize_to`: one is named, and the head is on the CPU
     (elsewhere the fp32 weights are fast already, and quantized kernels are CPU-only)."""
-    return bool(head.config.quantize_to) and not head.token_level and next(head.parameters()).device.type == "cpu"
+    on_cpu = next(head.parameters()).device.type == "cpu"
+    return bool(head.config.quantize_to) and head.head_type != "transformer" and on_cpu
 
 
 def quantize_option(choice: str | None) -> str | None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from retrieval_head.core.config import HEAD_TYPES, POOLINGS, TEMPLATES, RetrievalHeadConfig
+from retrieval_head.core.config import FEATURE_POOLINGS, HEAD_TYPES, POOLINGS, TEMPLATES, RetrievalHeadConfig
 from retrieval_head.core.errors import RetrievalHeadError
 from retrieval_head.io.embedded import BASE_ID, TEACHER_ID
 
@@ -210,11 +210,11 @@ class Recipe:
         _check(bool(f.layers), "features.layers", f.layers, "a non-empty list of layer indices")
         _check(all(isinstance(x, int) and x >= 0 for x in f.layers), "features.layers", f.layers,
                "indices into output_hidden_states (0 = embeddings, >= 0)")
-        _check(set(f.poolings) <= set(POOLINGS) and bool(f.poolings), "features.poolings", f.poolings,
-               f"a subset of {POOLINGS}")
-        if h.head_type == "transformer":
+        _check(set(f.poolings) <= set(FEATURE_POOLINGS) and bool(f.poolings), "features.poolings", f.poolings,
+               f"a subset of {FEATURE_POOLINGS}")
+        if h.head_type == "transformer" or h.pooling == "attention":
             _check(f.token_layer is not None, "features.token_layer", f.token_layer,
-                   "set (a transformer head reads span tokens of that layer)")
+                   "set (a transformer head or attention pooling reads span tokens of that layer)")
         else:
             _check(h.pooling in f.poolings, "head.pooling", h.pooling, f"among features.poolings {f.poolings}")
         _check(0 <= d.dev_fraction < 1 and 0 <= d.test_fraction < 1 and d.dev_fraction + d.test_fraction < 1,

@@ -287,3 +287,70 @@ def test_the_fused_inference_path_equals_the_layer_by_layer_one_and_follows_new_
     with torch.enable_grad():
         assert torch.allclose(flipped, head(states, mask, ids), atol=1e-6)
     assert not torch.allclose(flipped, fused, atol=1e-3)
+
+
+def attention_head(static_dim: int = 0, **overrides) -> ProjectionHead:
+    """An attention-pooling head whose scores are trained-like (non-zero), and the same head pooling by mean."""
+    config = small_config(pooling="attention", static_dim=static_dim,
+                          base_vocab_size=50 if static_dim else None, **overrides)
+    head = ProjectionHead(config, HIDDEN).eval()
+    if static_dim:
+        torch.nn.init.normal_(head.static_out.weight, generator=torch.Generator().manual_seed(2))
+    return head
+
+
+def test_a_fresh_attention_pooling_head_pools_as_the_mean() -> None:
+    states, mask = states_and_mask()
+    ids = torch.randint(0, 50, mask.shape, generator=torch.Generator().manual_seed(3))
+    for static_dim in (0, 4):
+        head = attention_head(static_dim)
+        mean = ProjectionHead(small_config(static_dim=static_dim, base_vocab_size=50 if static_dim else None),
+                              HIDDEN).eval()
+        mean.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("attend.")})
+        assert head.token_level and head.features(states, mask).shape == (3, 7, HIDDEN)
+        args = (states, mask, ids) if static_dim else (states, mask)
+        assert torch.allclose(head(*args), mean(*args), atol=1e-5)
+        torch.nn.init.normal_(head.attend.weight, generator=torch.Generator().manual_seed(4))
+        assert not torch.allclose(head(*args), mean(*args), atol=1e-3)  # learned scores move the pooling
+
+
+def test_attention_pooling_reads_only_the_span_and_is_the_same_batched_or_alone() -> None:
+    states, mask = states_and_mask()
+    ids = torch.randint(0, 50, mask.shape, generator=torch.Generator().manual_seed(3))
+    head = attention_head(4)
+    torch.nn.init.normal_(head.attend.weight, generator=torch.Generator().manual_seed(4))
+    assert head.attend.out_features == 4 + 1  # one score per group of dims, one for the static ids
+    out = head(states, mask, ids)
+    changed, other_ids = states.clone(), ids.clone()
+    changed[mask == 0] = torch.randn(int((mask == 0).sum()), HIDDEN) * 1000
+    other_ids[mask == 0] = 0
+    assert torch.allclose(out, head(changed, mask, other_ids), atol=1e-5)
+    for row in range(3):
+        span = mask[row].bool()
+        alone = head(states[row : row + 1, span], torch.ones((1, int(span.sum())), dtype=torch.long),
+                     ids[row : row + 1, span])
+        assert torch.allclose(alone[0], out[row], atol=1e-5)
+
+
+def test_attention_pooling_learns_and_quantizes() -> None:
+    states, mask = states_and_mask()
+    head = attention_head().train()
+    head.project_features(head.features(states, mask), mask).sum().backward()
+    assert head.attend.weight.grad is not None and head.attend.weight.grad.abs().sum() > 0
+    head.eval()
+    torch.nn.init.normal_(head.attend.weight, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        exact = head(states, mask)
+        quantized = head.quantize("float16")(states, mask)
+    assert (quantized - exact).abs().max() < 1e-3
+
+
+def test_attention_pooling_is_for_pooled_heads_and_weighs_only_span_ids() -> None:
+    with pytest.raises(ValueError, match="'attention' is for 'linear' and 'mlp'"):
+        small_config(pooling="attention", head_type="transformer")
+    conversation = attention_head(4, static_span="conversation")
+    assert conversation.attend.out_features == 4  # the branch's ids are not the span's tokens: mean for them
+    states, mask = states_and_mask()
+    head = attention_head(4)
+    with pytest.raises(ValueError, match="not the span's tokens"):
+        head(states, mask, static_ids=torch.zeros((3, 2), dtype=torch.long))

@@ -9,6 +9,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from tiny import save_tiny  # noqa: E402
 
@@ -41,6 +42,9 @@ def make_head(base_dir: Path, folder: Path, **overrides) -> RetrievalModel:
                              "normalized": True, "probe_checksum": "c"})
     settings.update(overrides)
     model = get_retrieval_model(base, RetrievalHeadConfig(**settings), tokenizer=tokenizer)
+    for module in (model.head.attend, getattr(model.head, "static_out", None)):
+        if module is not None:  # both start at zero: give them weights that change the embedding
+            torch.nn.init.normal_(module.weight, generator=torch.Generator().manual_seed(5))
     model.save_pretrained(folder)
     return model
 
@@ -102,6 +106,7 @@ def test_sentence_transformers_save_round_trip(saved: tuple[RetrievalModel, Path
 @pytest.mark.parametrize(
     "overrides",
     [dict(head_type="transformer", pooling="last_token", layer=1, num_attention_heads=4),
+     dict(head_type="mlp", pooling="attention", static_dim=4, num_attention_heads=4),
      dict(head_type="linear", query_template="plain", normalize=False,
           teacher={"teacher_id": "t", "revision": None, "dim": 16, "similarity_fn_name": "dot",
                    "normalized": False, "probe_checksum": "c"})],
@@ -115,7 +120,6 @@ def test_other_heads(base_dir: Path, tmp_path: Path, overrides: dict) -> None:
 
 
 def test_a_static_branch_over_the_base_embeddings_gives_the_same_vectors(base_dir: Path, tmp_path: Path) -> None:
-    import torch
 
     base, tokenizer = load_base(str(base_dir))
     config = RetrievalHeadConfig(output_dim=16, inner_dim=32, static_dim=4, static_base_embeddings=True)
@@ -163,7 +167,6 @@ def test_sentence_transformers_evaluators_run_on_the_model_and_its_st_form_alike
 
 
 def test_similarity_follows_the_teachers_function(base_dir: Path, tmp_path: Path) -> None:
-    import torch
     from sentence_transformers import util
 
     teacher = {"teacher_id": "t", "revision": None, "dim": 16, "similarity_fn_name": "dot", "normalized": False,
@@ -178,7 +181,6 @@ def test_similarity_follows_the_teachers_function(base_dir: Path, tmp_path: Path
 
 
 def test_a_conversation_wide_static_branch_gives_the_same_vectors(base_dir: Path, tmp_path: Path) -> None:
-    import torch
 
     base, tokenizer = load_base(str(base_dir))
     config = RetrievalHeadConfig(output_dim=16, inner_dim=32, static_dim=4, static_span="conversation")

@@ -43,6 +43,8 @@ def test_yaml_round_trip_and_float_strings(tmp_path):
     ("head:\n  pooling: last_token\nfeatures:\n  poolings: [mean]\n", ["head.pooling"]),
     ("train: [1, 2]\n", ["train"]),
     ("head: {head_type: transformer}\nfeatures: {token_layer: null}\n", ["features.token_layer"]),
+    ("head: {pooling: attention}\nfeatures: {token_layer: null}\n", ["features.token_layer", "attention"]),
+    ("features: {poolings: [mean, attention]}\n", ["features.poolings"]),
     ("data:\n  oversample: {scifact_train: 0}\n", ["data.oversample"]),
     ("data:\n  oversample: [scifact_train]\n", ["data.oversample", "mapping"]),
     ("data:\n  datasets: [covidqa]\n  eval_datasets: [covidqa]\n", ["data.oversample", "data.datasets"]),

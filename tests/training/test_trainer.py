@@ -181,3 +181,21 @@ def test_input_regularizers_change_training_and_keep_it_finite(tmp_path):
     a, b = weights(tmp_path / "plain/checkpoints/step-12"), weights(tmp_path / "reg/checkpoints/step-12")
     assert all(torch.isfinite(v).all() for v in b.values())
     assert not torch.equal(a["head.static.weight"], b["head.static.weight"])
+
+
+def test_attention_pooling_trains_on_span_tokens_with_a_weighted_static_branch(tmp_path):
+    from retrieval_head import RetrievalModel
+
+    recipe = tiny_recipe(tmp_path).replace(**{"head.pooling": "attention", "head.static_dim": 4,
+                                              "train.max_steps": 6})
+    result = run(recipe, tmp_path / "out")
+    assert result.steps == 6
+    saved = load_file(str(tmp_path / "out/retrieval_head.safetensors"))
+    assert saved["attend.weight"].shape == (4 + 1, 32)  # 4 groups of dims + the static ids' weights
+    assert saved["attend.weight"].abs().sum() > 0  # zero at init: the loss reached the scores
+    base, tok, _ = tiny_models()
+    model = RetrievalModel.from_pretrained(str(tmp_path / "out"), base_model=base, tokenizer=tok)
+    assert model.config.pooling == "attention" and model.head.token_level
+    one = model.encode("the second text", convert_to_tensor=True)
+    batch = model.encode(["a much longer first text than the other one", "the second text"], convert_to_tensor=True)
+    assert torch.allclose(one, batch[1], atol=1e-5)
