@@ -52,6 +52,13 @@ def parameter_groups(head: nn.Module, lr: float, static_lr_scale: float) -> list
     return groups
 
 
+def adamw(head: nn.Module, lr: float, static_lr_scale: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over `parameter_groups`, with torch's fused kernel (CPU and CUDA): the same update, ~10x faster on
+    a CPU for the static branch's 12.6M-entry table, whose dense update was most of a training step."""
+    return torch.optim.AdamW(parameter_groups(head, lr, static_lr_scale), lr=lr, weight_decay=weight_decay,
+                             fused=True)
+
+
 def regularize(batch: dict[str, torch.Tensor], token_dropout: float, feature_dropout: float,
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """A training batch with the head's inputs perturbed: each span id of the static branch dropped (set to -1,

@@ -50,9 +50,9 @@ from retrieval_head.training.split_evaluation import SplitEvaluator, format_repo
 from retrieval_head.training.steps import (
     EpochOrder,
     FeatureHead,
+    adamw,
     loss_inputs,
     on_device,
-    parameter_groups,
     regularize,
 )
 
@@ -205,8 +205,7 @@ class Trainer:
                                show_progress_bar=self.show and acc.is_main_process)
         head = FeatureHead(self.model.head)
         head.train()
-        optimizer = torch.optim.AdamW(parameter_groups(head, t.lr, t.static_lr_scale), lr=t.lr,
-                                      weight_decay=t.weight_decay)
+        optimizer = adamw(head, t.lr, t.static_lr_scale, t.weight_decay)
         from transformers import get_cosine_schedule_with_warmup
 
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_ratio * t.max_steps), t.max_steps)

@@ -1,10 +1,10 @@
-"""The training step's input regularizers (`regularize`)."""
+"""The training step's pieces: the optimizer (`adamw`) and the input regularizers (`regularize`)."""
 
 import pytest
 import torch
 
 from retrieval_head.training.recipe import Recipe, RecipeError
-from retrieval_head.training.steps import regularize
+from retrieval_head.training.steps import adamw, regularize
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -45,3 +45,24 @@ def test_feature_dropout_zeroes_a_fraction_and_rescales_the_rest():
 def test_rates_outside_zero_one_are_refused(name):
     with pytest.raises(RecipeError, match=f"train.{name}"):
         Recipe().replace(**{f"train.{name}": 1.0}).validate()
+
+
+def test_adamw_is_fused_and_steps_as_the_reference_adamw():
+    torch.manual_seed(0)
+    head = torch.nn.Module()
+    head.static = torch.nn.Embedding(50, 8)
+    head.project = torch.nn.Linear(8, 4)
+    reference = {k: torch.nn.Parameter(v.detach().clone()) for k, v in head.named_parameters()}
+    fused = adamw(head, 1e-2, 10.0, 0.01)
+    assert all(group["fused"] for group in fused.param_groups)
+    assert [g["lr"] for g in fused.param_groups] == [1e-2, 1e-1]  # the table at lr x static_lr_scale
+    plain = torch.optim.AdamW([{"params": [reference["project.weight"], reference["project.bias"]], "lr": 1e-2},
+                               {"params": [reference["static.weight"]], "lr": 1e-1}], weight_decay=0.01)
+    for _ in range(3):
+        for name, p in head.named_parameters():
+            grad = torch.randn_like(p)
+            p.grad, reference[name].grad = grad, grad.clone()
+        fused.step()
+        plain.step()
+    for name, p in head.named_parameters():
+        torch.testing.assert_close(p.detach(), reference[name].detach(), atol=1e-6, rtol=1e-5)
