@@ -59,9 +59,9 @@ HEAD_FIELDS = (
     "quantize_to",
 )
 """The `RetrievalHeadConfig` fields a recipe's `head:` section sets (the rest come from the base, teacher, seed)."""
-HEAD_DEFAULTS: dict[str, Any] = {"layer": 24, "static_dim": 256, "output_dim": None, "max_length": 256,
-                                 "quantize_to": "float16"}
-"""Where the recipe's default differs from the config's: layer and static width chosen on dev (EXPERIMENTS.md),
+HEAD_DEFAULTS: dict[str, Any] = {"layer": 24, "pooling": "attention", "static_dim": 256, "output_dim": None,
+                                 "max_length": 256, "quantize_to": "float16"}
+"""Where the recipe's default differs from the config's: layer, pooling and static width chosen on dev (EXPERIMENTS.md),
 the teacher's own dim (None), its max_seq_length, and float16 weights at CPU inference (fp32 retention to 0.1 point,
 half the bytes read per query: benchmarks/results/quantization.md)."""
 
@@ -86,7 +86,7 @@ HeadSpec = _head_spec()
 class FeatureSpec:
     layers: list[int] = field(default_factory=lambda: [0, 20, 24])
     poolings: list[str] = field(default_factory=lambda: ["mean"])
-    token_layer: int | None = None
+    token_layer: int | None = 24  # the span tokens' states at this layer, which attention pooling reads
     batch_size: int = 16
     cache_dir: str = ".cache/features"
     # read-only cache folders searched before computing (e.g. teacher document embeddings shipped in the repo)
