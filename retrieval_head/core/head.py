@@ -145,11 +145,11 @@ class ProjectionHead(nn.Module):
             raise ValueError(f"the static branch's ids {tuple(span_ids.shape)} are not the span's tokens "
                              f"{tuple(weights.shape)} that attention pooling weighs; give the span's ids "
                              "(input_ids with the span mask), not other static ids.")
-        ids = span_ids.clamp_min(0)
-        weights = weights.unsqueeze(-1)
-        pooled = (F.embedding(ids, self.static.weight) * weights).sum(1)
+        ids = span_ids.clamp_min(0)  # padding (-1) has weight 0
+        pooled = F.embedding_bag(ids, self.static.weight, mode="sum", per_sample_weights=weights.contiguous())
         if not self.config.static_base_embeddings:
             return pooled
+        weights = weights.unsqueeze(-1)
         if not self._input_embeddings:
             raise ValueError("this head's static branch reads the base's input embeddings "
                              "(static_base_embeddings): attach it to its base with get_retrieval_model(), or call "
@@ -168,13 +168,20 @@ class ProjectionHead(nn.Module):
     def attention_pool(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention pooling of standardised states [B, T, H] over the span `mask` [B, T]: (pooled [B, H], the
         static branch's weights [B, T] or None). Each group of hidden dims has its own softmax over the span."""
-        valid = mask.bool().unsqueeze(-1)
         scores = F.linear(states, self.attend.weight, self.attend.bias)
-        weights = torch.softmax(scores.masked_fill(~valid, torch.finfo(scores.dtype).min), dim=1) * valid
+        if mask.device.type == "cpu" and not torch.is_grad_enabled() and bool(mask.all()):
+            weights = scores.softmax(1)  # a span over every column (the agent's batch of one): no masking
+        else:
+            valid = mask.bool().unsqueeze(-1)
+            weights = torch.softmax(scores.masked_fill(~valid, torch.finfo(scores.dtype).min), dim=1) * valid
         groups = self.config.num_attention_heads
-        hidden = states.shape[-1]
-        group_of_dim = torch.arange(hidden, device=states.device) * groups // hidden
-        pooled = (states * weights[..., group_of_dim]).sum(1)
+        rows, length, hidden = states.shape
+        if hidden % groups == 0:
+            grouped = states.view(rows, length, groups, hidden // groups) * weights[..., :groups, None]
+            pooled = grouped.sum(1).view(rows, hidden)
+        else:
+            group_of_dim = torch.arange(hidden, device=states.device) * groups // hidden
+            pooled = (states * weights[..., group_of_dim]).sum(1)
         return pooled, (weights[..., groups] if weights.shape[-1] > groups else None)
 
     def features(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
