@@ -43,33 +43,29 @@ def label(dtype: str | None) -> str:
 
 
 @torch.inference_mode()
-def head_features(model: Any, inputs: list, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The head's weight-free features [N, H] of each input, rendered as `encode_query` renders it, and the
-    span's token ids [N, L] (-1 padded) when the head has a static branch."""
+def head_embeddings(model: Any, inputs: list, batch_size: int) -> dict[str, np.ndarray]:
+    """Every precision's embedding of each input, rendered as `encode_query` renders it, from one LM pass: a
+    batch's weight-free head features (pooled, or the span's tokens for a token-level head) projected with each
+    precision's weights in turn."""
     prompt = (model.config.prompts or {}).get("query", "")
     renderer = model.renderer
     rendered = [renderer.render(item, prompt) for item in inputs]
     order = sorted(range(len(rendered)), key=lambda i: len(rendered[i].input_ids))
-    features = torch.empty(len(rendered), model.config.base_hidden_size)
-    width = max(r.span_end - r.span_start for r in rendered)
-    span_ids = torch.full((len(rendered), width), -1, dtype=torch.long)
-    for i, r in enumerate(rendered):
-        span_ids[i, : r.span_end - r.span_start] = torch.tensor(r.input_ids[r.span_start : r.span_end])
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = renderer.collate([rendered[i] for i in rows], device=model.device)
-        states = model.layer_states(batch["input_ids"], batch["attention_mask"])
-        features[rows] = model.head.features(states, batch["span_mask"]).float().cpu()
-    return features, (span_ids if model.head.uses_ids else None)
-
-
-@torch.inference_mode()
-def project(model: Any, features: tuple[torch.Tensor, torch.Tensor | None], dtype: str | None) -> np.ndarray:
-    model.quantize_head(dtype)
+    out = {label(d): np.empty((len(rendered), model.config.output_dim), dtype=np.float32) for d in PRECISIONS}
     try:
-        return model.head.project_features(features[0], None, features[1]).numpy()
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = renderer.collate([rendered[i] for i in rows], device=model.device)
+            states = model.layer_states(batch["input_ids"], batch["attention_mask"])
+            mask = batch["span_mask"]
+            features = model.head.features(states, mask)
+            ids = model.head.span_ids(batch["input_ids"], mask) if model.head.uses_ids else None
+            for dtype in PRECISIONS:
+                model.quantize_head(dtype)
+                out[label(dtype)][rows] = model.head.project_features(features, mask, ids).float().cpu().numpy()
     finally:
         model.quantize_head(None)
+    return out
 
 
 def evaluate_dataset(name: str, model: Any, teacher: Any, fingerprint: Any, args: argparse.Namespace) -> dict:
@@ -85,9 +81,8 @@ def evaluate_dataset(name: str, model: Any, teacher: Any, fingerprint: Any, args
     index, _ = load_or_build_index(index_dir, teacher, test, fingerprint, cache=embedding_cache(args.embeddings))
     evaluator = RetrievalEvaluator(test, index, name=name, expected_teacher=fingerprint)
     inputs = head_inputs(evaluator.queries)
-    features = head_features(model, inputs, args.batch_size)
+    embeddings = head_embeddings(model, inputs, args.batch_size)
     check = np.asarray(model.encode_query(inputs[:8], batch_size=8))  # the features are what encode() reads
-    embeddings = {label(d): project(model, features, d) for d in PRECISIONS}
     if not np.allclose(embeddings["float32"][:8], check, atol=1e-4):
         raise SystemExit(f"error: {name}: projected features differ from encode_query(); the benchmark is wrong")
     exact, exact_ranked = embeddings["float32"], evaluator.rank(embeddings["float32"])

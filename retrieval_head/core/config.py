@@ -93,7 +93,8 @@ class RetrievalHeadConfig(PretrainedConfig):
     static_dim: int = field(
         default=0,
         metadata={"help": "Width of the static (lexical) branch: a learned table over the LM token ids of the text's "
-                          "span, mean-pooled, mapped to output_dim and added before normalising. 0 = none."},
+                          "span, mean-pooled (weighted by attention pooling's own softmax with pooling='attention'), "
+                          "mapped to output_dim and added before normalising. 0 = none."},
     )
     static_base_embeddings: bool = field(
         default=False,

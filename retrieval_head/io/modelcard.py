@@ -207,6 +207,7 @@ def render_card(
         pooling=config.pooling,
         inner_dim=config.inner_dim,
         static_dim=config.static_dim,
+        static_span=config.static_span,
         query_template=config.query_template,
         max_length=config.max_length,
         quantize_to=config.quantize_to or "None (fp32)",
