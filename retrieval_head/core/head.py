@@ -128,17 +128,20 @@ class ProjectionHead(nn.Module):
         pooled = F.embedding_bag(span_ids[valid], self.static.weight, counts.cumsum(0) - counts, mode="mean")
         if not self.config.static_base_embeddings:
             return pooled
-        weights = valid.unsqueeze(-1) / counts.view(-1, 1, 1).clamp_min(1)
-        ids = span_ids.clamp_min(0)
+        weights = valid / counts.view(-1, 1).clamp_min(1)
+        return torch.cat([pooled, self._base_embedding_view(span_ids.clamp_min(0), weights)], dim=-1)
+
+    def _base_embedding_view(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The weighted sum ([B, H]) over ids [B, L] (no -1) of the base's standardised input embeddings."""
         if not self._input_embeddings:
             raise ValueError("this head's static branch reads the base's input embeddings "
                              "(static_base_embeddings): attach it to its base with get_retrieval_model(), or call "
                              "head.tie_input_embeddings(base.get_input_embeddings()).")
         embeddings = self._input_embeddings[0]
         with torch.no_grad():
-            vectors = embeddings(ids.to(embeddings.weight.device)).to(pooled.device).float()
+            vectors = embeddings(ids.to(embeddings.weight.device)).to(weights.device).float()
         vectors = F.layer_norm(vectors, vectors.shape[-1:])
-        return torch.cat([pooled, (vectors * weights).sum(1)], dim=-1)
+        return (vectors * weights.unsqueeze(-1)).sum(1)
 
     def _weighted_static_pool(self, span_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if span_ids.shape != weights.shape:
@@ -149,16 +152,7 @@ class ProjectionHead(nn.Module):
         pooled = F.embedding_bag(ids, self.static.weight, mode="sum", per_sample_weights=weights.contiguous())
         if not self.config.static_base_embeddings:
             return pooled
-        weights = weights.unsqueeze(-1)
-        if not self._input_embeddings:
-            raise ValueError("this head's static branch reads the base's input embeddings "
-                             "(static_base_embeddings): attach it to its base with get_retrieval_model(), or call "
-                             "head.tie_input_embeddings(base.get_input_embeddings()).")
-        embeddings = self._input_embeddings[0]
-        with torch.no_grad():
-            vectors = embeddings(ids.to(embeddings.weight.device)).to(pooled.device).float()
-        vectors = F.layer_norm(vectors, vectors.shape[-1:])
-        return torch.cat([pooled, (vectors * weights).sum(1)], dim=-1)
+        return torch.cat([pooled, self._base_embedding_view(ids, weights)], dim=-1)
 
     @property
     def token_level(self) -> bool:

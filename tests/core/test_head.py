@@ -354,3 +354,15 @@ def test_attention_pooling_is_for_pooled_heads_and_weighs_only_span_ids() -> Non
     head = attention_head(4)
     with pytest.raises(ValueError, match="not the span's tokens"):
         head(states, mask, static_ids=torch.zeros((3, 2), dtype=torch.long))
+
+
+def test_a_fresh_attention_head_with_the_base_embedding_view_pools_as_the_mean() -> None:
+    states, mask = states_and_mask()
+    ids = torch.randint(0, 50, mask.shape, generator=torch.Generator().manual_seed(3))
+    embeddings = torch.nn.Embedding(50, HIDDEN)
+    head = attention_head(4, static_base_embeddings=True)
+    mean = ProjectionHead(small_config(static_dim=4, base_vocab_size=50, static_base_embeddings=True), HIDDEN).eval()
+    mean.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("attend.")})
+    for module in (head, mean):
+        module.tie_input_embeddings(embeddings)
+    assert torch.allclose(head(states, mask, ids), mean(states, mask, ids), atol=1e-5)
