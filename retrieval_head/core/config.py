@@ -196,12 +196,6 @@ class RetrievalHeadConfig(PretrainedConfig):
                 f"{self.teacher['dim']}; set output_dim to the teacher's embedding size."
             )
 
-    @property
-    def token_level(self) -> bool:
-        """Whether the head reads every span token's state (a transformer head, attention pooling), not a pooled
-        vector: what training caches (`features.token_layer`) and what quantization leaves alone is decided here."""
-        return self.head_type == "transformer" or self.pooling == "attention"
-
     def resolve_layer(self, num_layers: int) -> int:
         """Index into `output_hidden_states` (length `num_layers + 1`) for `self.layer`, or raise."""
         index = self.layer if self.layer >= 0 else num_layers + 1 + self.layer

@@ -157,7 +157,7 @@ class ProjectionHead(nn.Module):
     @property
     def token_level(self) -> bool:
         """Whether the head needs every token's state (transformer, attention pooling) rather than a pooled vector."""
-        return self.config.token_level
+        return self.head_type == "transformer" or self.attend is not None
 
     def attention_pool(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention pooling of standardised states [B, T, H] over the span `mask` [B, T]: (pooled [B, H], the

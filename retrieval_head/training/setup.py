@@ -57,7 +57,7 @@ def feature_for(recipe: Recipe, config: RetrievalHeadConfig) -> tuple[str, bool]
     """(cached feature name, token-level?) the head reads; raises when the recipe did not extract it."""
     index = config.resolve_layer(config.base_num_layers)
     f = recipe.features
-    if config.token_level:
+    if config.head_type == "transformer" or config.pooling == "attention":
         if f.token_layer != index:
             raise RecipeError(
                 f"a {config.head_type} head with {config.pooling} pooling at layer {config.layer} (index {index}) "
