@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if result.test is not None:
         from retrieval_head.training.split_evaluation import format_report
 
-        print(format_report(result.test, f"{recipe.name}: best head (step {result.best_step}) on the test splits"))
+        title = f"{recipe.name}: {recipe.train.keep} head (step {result.kept_step}) on the test splits"
+        print(format_report(result.test, title))
         print(f"head, recipe, log and report written to {result.output_dir}")
     return 0
 

@@ -152,6 +152,7 @@ class TrainSpec:
     keep_checkpoints: int = 2
     log_every: int = 10
     best_metric: str = "ndcg@10"  # mean retention of this metric over the dev sets picks the best checkpoint
+    keep: str = "last"  # the head written to the run folder: last (the schedule's end) | best (its best dev eval)
 
 
 @dataclass
@@ -255,6 +256,7 @@ class Recipe:
                "auto, float32, bfloat16 or float16")
         _check(t.best_metric in ("ndcg@10", "recall@10", "mrr@10", "cosine"), "train.best_metric", t.best_metric,
                "ndcg@10, recall@10, mrr@10 or cosine")
+        _check(t.keep in ("last", "best"), "train.keep", t.keep, "last or best")
 
     # --- (de)serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

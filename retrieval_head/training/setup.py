@@ -96,6 +96,11 @@ def recipe_cache(recipe: Recipe) -> TensorCache:
     return LayeredCache(recipe.features.cache_dir, extra) if extra else TensorCache(recipe.features.cache_dir)
 
 
+def kept_step(recipe: Recipe, state: dict[str, Any]) -> int | None:
+    """The step whose weights the run folder holds (`train.keep`: the last step, or the best dev evaluation)."""
+    return state["best_step"] if recipe.train.keep == "best" else state["step"]
+
+
 def training_summary(recipe: Recipe, state: dict[str, Any], data: TrainingData) -> dict[str, Any]:
     """What the card's training table shows (the full recipe is `recipe.yaml` beside the head)."""
     t, lo = recipe.train, recipe.loss
@@ -106,6 +111,7 @@ def training_summary(recipe: Recipe, state: dict[str, Any], data: TrainingData) 
                                      ("rank", lo.rank)) if v > 0},
         "gold_positives": lo.gold_positives, "top_k": lo.top_k, "lr": t.lr, "batch_size": t.batch_size,
         "grad_accum": t.grad_accum, "steps": state["step"], "best_step": state["best_step"],
+        "kept": recipe.train.keep, "kept_step": kept_step(recipe, state),
         "warmup_ratio": t.warmup_ratio, "seed": t.seed, "train_examples": sum(counts.values()),
         "train_sources": counts, "datasets": list(recipe.data.datasets),
         "split": {"dev": recipe.data.dev_fraction, "test": recipe.data.test_fraction, "seed": recipe.data.split_seed},

@@ -9,8 +9,9 @@ One call, `train(recipe, output_dir)`, does the whole run:
 5. trains `head.project_features` -- exact, since the head's input features are weight-free -- with AdamW,
    warmup + cosine, gradient accumulation, mixed precision where the device supports it, DDP under
    `accelerate launch`; evaluates retention vs the teacher on the dev splits every `eval_every` steps and
-   keeps the best head; saves `accelerator.save_state` checkpoints every `save_every` steps;
-6. evaluates the best head on the test splits, writes it (safetensors + config + card) into `output_dir`
+   keeps the best head in `best/`; saves `accelerator.save_state` checkpoints every `save_every` steps;
+6. evaluates the kept head (`train.keep`: the last weights, or the best dev head) on the test splits, writes it
+   (safetensors + config + card) into `output_dir`
    with the recipe, the JSONL log and the report.
 
 A run resumes from its last checkpoint (`resume=True`) only with the recipe it started with; a non-finite
@@ -41,6 +42,7 @@ from retrieval_head.training.recipe import Recipe, check_resumable
 from retrieval_head.training.setup import (
     feature_for,
     head_config,
+    kept_step,
     load_models,
     mixed_precision,
     recipe_cache,
@@ -82,6 +84,7 @@ class TrainResult:
     seconds: float
     stopped: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    kept_step: int | None = None  # the step whose weights the run folder holds (`train.keep`)
 
 
 # --- the run ----------------------------------------------------------------------------------------------
@@ -310,7 +313,8 @@ class Trainer:
                 return self._result(state, last_dev, None, probe, started, stopped)
             raise TrainingStopped(stopped)
 
-        test = self._finish(data, key, token_level, state) if acc.is_main_process else None
+        last = acc.unwrap_model(evaluated).head  # the last weights (their EMA when one is kept)
+        test = self._finish(data, key, token_level, state, last) if acc.is_main_process else None
         acc.wait_for_everyone()
         return self._result(state, last_dev, test, probe, started, None)
 
@@ -363,13 +367,17 @@ class Trainer:
                 shutil.rmtree(path, ignore_errors=True)
         acc.wait_for_everyone()
 
-    def _finish(self, data: TrainingData, key: str, token_level: bool, state: dict[str, Any]) -> dict[str, Any]:
-        """Best head -> test evaluation -> head folder (weights, config with metrics/probe/training, card)."""
+    def _finish(self, data: TrainingData, key: str, token_level: bool, state: dict[str, Any],
+                last: nn.Module) -> dict[str, Any]:
+        """Kept head (last or best) -> test evaluation -> head folder (weights, config with metrics/probe/training,
+        card)."""
         from retrieval_head.io.folder import read_weights
 
         best = self.output_dir / BEST
-        if best.is_dir():
+        if self.recipe.train.keep == "best" and best.is_dir():
             self.model.head.load_state_dict(read_weights(best))
+        elif last is not self.model.head:
+            self.model.head.load_state_dict(last.state_dict())
         head = self.model.head.float().eval()
         if head.static is not None:  # the shipped table is stored in float16: evaluate what is saved
             with torch.no_grad():
@@ -382,7 +390,9 @@ class Trainer:
                                  "queries": e["queries"], "cosine": round(e["cosine"], 4)}
                           for name, e in test.items() if isinstance(e, dict) and "head" in e}
         config.training = training_summary(self.recipe, state, data)
-        report = {"recipe": self.recipe.name, "best_step": state["best_step"], "best_dev_score": state["best_score"],
+        report = {"recipe": self.recipe.name, "kept": self.recipe.train.keep,
+                  "kept_step": kept_step(self.recipe, state), "best_step": state["best_step"],
+                  "best_dev_score": state["best_score"],
                   "test": test, "probe": config.probe, "timings": self.timings}
         staging = self.output_dir / ".head-staging"
         shutil.rmtree(staging, ignore_errors=True)
@@ -398,7 +408,7 @@ class Trainer:
     def _result(self, state: dict[str, Any], dev: Any, test: Any, probe: Any, started: float,
                 stopped: str | None) -> TrainResult:
         return TrainResult(self.output_dir, state["step"], state["best_step"], state["best_score"], dev, test, probe,
-                           time.perf_counter() - started, stopped, dict(self.timings))
+                           time.perf_counter() - started, stopped, dict(self.timings), kept_step(self.recipe, state))
 
 
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, **kwargs: Any) -> TrainResult:

@@ -38,9 +38,23 @@ def test_training_writes_head_log_report_and_probe(tmp_path):
     assert {"loss/alignment", "loss/contrastive", "loss/rank"} <= set(steps[0])
     assert [r["step"] for r in log if r.get("event") == "eval"] == [4, 8, 12]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-12", "step-8"]  # keep_checkpoints=2
-    # the saved head = the best dev head
-    assert torch.equal(load_file(str(out / "best" / "retrieval_head.safetensors"))["project.0.weight"],
-                       load_file(str(out / "retrieval_head.safetensors"))["project.0.weight"])
+    # train.keep = last (default): the saved head = the last step's weights, evaluated on test
+    saved = load_file(str(out / "retrieval_head.safetensors"))["project.0.weight"]
+    assert torch.equal(saved, weights(out / "checkpoints/step-12")["head.project.0.weight"])
+    assert json.loads((out / "report.json").read_text())["kept_step"] == 12 == result.kept_step
+
+
+def test_keep_best_writes_the_best_dev_head_not_the_last(tmp_path):
+    recipe = tiny_recipe(tmp_path).replace(**{"train.keep": "best", "train.lr": 0.1})  # dev peaks at step 4
+    result = run(recipe, tmp_path / "out")
+    out = tmp_path / "out"
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["dev"]["mean_retention"]["ndcg@10"] for r in log if r.get("event") == "eval"}
+    assert result.kept_step == result.best_step == max(evals, key=evals.get)
+    saved = load_file(str(out / "retrieval_head.safetensors"))["project.0.weight"]
+    assert torch.equal(saved, load_file(str(out / "best" / "retrieval_head.safetensors"))["project.0.weight"])
+    assert result.best_step != 12  # so the best head is not the last step's weights
+    assert not torch.equal(saved, weights(out / "checkpoints/step-12")["head.project.0.weight"])
 
 
 def test_training_is_deterministic_on_cpu(tmp_path):
