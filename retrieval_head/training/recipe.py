@@ -169,7 +169,7 @@ SECTIONS: dict[str, type] = {
 }
 # Settings that may change when a run is resumed (they do not change what is trained).
 RESUME_MAY_DIFFER = frozenset({
-    "train.log_every", "train.save_every", "train.keep_checkpoints", "train.eval_every",
+    "train.keep", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.eval_every",
     "features.batch_size", "features.cache_dir", "features.read_only_caches", "data.root", "teacher.batch_size",
 })
 

@@ -54,7 +54,12 @@ def test_keep_best_writes_the_best_dev_head_not_the_last(tmp_path):
     saved = load_file(str(out / "retrieval_head.safetensors"))["project.0.weight"]
     assert torch.equal(saved, load_file(str(out / "best" / "retrieval_head.safetensors"))["project.0.weight"])
     assert result.best_step != 12  # so the best head is not the last step's weights
-    assert not torch.equal(saved, weights(out / "checkpoints/step-12")["head.project.0.weight"])
+    last = weights(out / "checkpoints/step-12")["head.project.0.weight"]
+    assert not torch.equal(saved, last)
+    # a finished run resumed with the other choice rewrites its folder with that head, training nothing more
+    again = run(recipe.replace(**{"train.keep": "last"}), out, resume=True)
+    assert again.kept_step == 12 and again.steps == 12
+    assert torch.equal(load_file(str(out / "retrieval_head.safetensors"))["project.0.weight"], last)
 
 
 def test_training_is_deterministic_on_cpu(tmp_path):
