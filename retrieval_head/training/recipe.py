@@ -138,6 +138,7 @@ class TrainSpec:
     static_init: str = "lexical"  # random | lexical: the table starts as the teacher's vectors of the token strings
     weight_decay: float = 0.01
     token_dropout: float = 0.0  # train only: each span id of the static branch dropped with this probability
+    span_dropout: float = 0.0  # train only, token-level heads: each span token (state and id) left out of the pooling
     feature_dropout: float = 0.0  # train only: dropout on the head's pooled LM features
     ema_decay: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights (0 = off)
     batch_size: int = 64  # per process
@@ -247,7 +248,7 @@ class Recipe:
         _check(t.static_lr_scale >= 0, "train.static_lr_scale", t.static_lr_scale, ">= 0 (0 = a frozen table)")
         _check(t.static_init in ("random", "lexical"), "train.static_init", t.static_init, "random or lexical")
         _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
-        for name in ("token_dropout", "feature_dropout", "ema_decay"):
+        for name in ("token_dropout", "span_dropout", "feature_dropout", "ema_decay"):
             _check(0 <= getattr(t, name) < 1, f"train.{name}", getattr(t, name), "in [0, 1)")
         _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "in [0, 1)")
         _check(t.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision", t.mixed_precision,

@@ -60,25 +60,37 @@ def adamw(head: nn.Module, lr: float, static_lr_scale: float, weight_decay: floa
 
 
 def regularize(batch: dict[str, torch.Tensor], token_dropout: float, feature_dropout: float,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """A training batch with the head's inputs perturbed: each span id of the static branch dropped (set to -1,
-    one id of every row always kept) with probability `token_dropout`, and dropout at `feature_dropout` on the
-    pooled LM features. Both keep a head from memorising its train queries (it fits them to cosine ~0.95 and
-    unseen ones to ~0.75 without). Zero rates give the batch back unchanged."""
+               generator: torch.Generator | None = None, span_dropout: float = 0.0) -> dict[str, torch.Tensor]:
+    """A training batch with the head's inputs perturbed: for a token-level head, each span token dropped from
+    the pooling (its state and its id) with probability `span_dropout`; each span id of the static branch dropped
+    (set to -1) with probability `token_dropout`; dropout at `feature_dropout` on the LM features. Every row keeps
+    at least one token and one id. They keep a head from memorising its train queries (it fits them to cosine
+    ~0.9 and unseen ones to ~0.75 without). Zero rates give the batch back unchanged."""
     out = dict(batch)
-    ids = batch.get("span_ids")
+    mask = batch.get("mask")
+    if span_dropout > 0 and mask is not None:
+        keep = _kept(mask.bool(), span_dropout, generator)
+        out["mask"] = keep
+        ids = batch.get("span_ids")
+        if ids is not None and ids.shape == keep.shape:  # the static branch reads the same positions
+            out["span_ids"] = torch.where(keep, ids, torch.full_like(ids, -1))
+    ids = out.get("span_ids")
     if token_dropout > 0 and ids is not None:
-        valid = ids >= 0
-        draw = torch.rand(ids.shape, generator=generator, device="cpu").to(ids.device)
-        keep = valid & (draw >= token_dropout)
-        first = valid & (valid.cumsum(1) == 1)  # a row whose every id was drawn keeps its first one
-        keep |= first & ~keep.any(1, keepdim=True)
-        out["span_ids"] = torch.where(keep, ids, torch.full_like(ids, -1))
+        out["span_ids"] = torch.where(_kept(ids >= 0, token_dropout, generator), ids, torch.full_like(ids, -1))
     if feature_dropout > 0:
         features = batch["features"]
-        mask = torch.rand(features.shape, generator=generator, device="cpu").to(features.device) >= feature_dropout
-        out["features"] = features * mask / (1 - feature_dropout)
+        kept = torch.rand(features.shape, generator=generator, device="cpu").to(features.device) >= feature_dropout
+        out["features"] = features * kept / (1 - feature_dropout)
     return out
+
+
+def _kept(valid: torch.Tensor, rate: float, generator: torch.Generator | None) -> torch.Tensor:
+    """`valid` [B, L] with each True dropped with probability `rate`; a row whose every one was drawn keeps its
+    first."""
+    draw = torch.rand(valid.shape, generator=generator, device="cpu").to(valid.device)
+    keep = valid & (draw >= rate)
+    first = valid & (valid.cumsum(1) == 1)
+    return keep | (first & ~keep.any(1, keepdim=True))
 
 
 def on_device(device: Any, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:

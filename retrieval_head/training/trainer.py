@@ -261,7 +261,7 @@ class Trainer:
                 reason = "a non-finite loss on another process"
                 with acc.accumulate(head):
                     try:
-                        inputs = regularize(batch, t.token_dropout, t.feature_dropout)
+                        inputs = regularize(batch, t.token_dropout, t.feature_dropout, span_dropout=t.span_dropout)
                         student = head(inputs["features"], inputs.get("mask"), inputs.get("span_ids"))
                         total, parts = loss_fn(student, batch["teacher"],
                                                **loss_inputs(recipe.loss, batch, documents, acc))

@@ -41,7 +41,22 @@ def test_feature_dropout_zeroes_a_fraction_and_rescales_the_rest():
     assert torch.equal(batch["features"], torch.ones(64, 256))  # the cached batch is not changed in place
 
 
-@pytest.mark.parametrize("name", ["token_dropout", "feature_dropout"])
+def test_span_dropout_leaves_tokens_out_of_the_pooling_with_their_ids_and_keeps_one_per_row():
+    ids = torch.tensor([[5, 6, 7, 8, -1, -1], [9, -1, -1, -1, -1, -1]])
+    batch = {"features": torch.randn(2, 6, 8), "mask": ids >= 0, "span_ids": ids}
+    generator = torch.Generator().manual_seed(0)
+    dropped = 0
+    for _ in range(100):
+        out = regularize(batch, 0.0, 0.0, generator, span_dropout=0.5)
+        assert (out["mask"].sum(1) >= 1).all() and not (out["mask"] & ~batch["mask"]).any()
+        assert torch.equal(out["span_ids"] >= 0, out["mask"])  # a dropped token's id goes with it
+        assert out["features"] is batch["features"]  # the states stay; the mask leaves them out
+        dropped += int((batch["mask"] & ~out["mask"]).sum())
+    assert 100 * 5 * 0.5 * 0.7 < dropped < 100 * 5 * 0.5 * 1.3
+    assert regularize({"features": torch.randn(2, 8)}, 0.0, 0.0, span_dropout=0.5)["features"].shape == (2, 8)
+
+
+@pytest.mark.parametrize("name", ["token_dropout", "span_dropout", "feature_dropout"])
 def test_rates_outside_zero_one_are_refused(name):
     with pytest.raises(RecipeError, match=f"train.{name}"):
         Recipe().replace(**{f"train.{name}": 1.0}).validate()
