@@ -83,6 +83,17 @@ class TrainingData:
     def eval_sources(self) -> list[Source]:
         return [s for s in self.sources if s.evaluate]
 
+    def groups(self, split: str) -> list[int]:
+        """A dataset id per row of `examples(split)`: a dataset's queries and its corpus texts share one
+        ("<dataset>" and "<dataset>:corpus"), every other source has its own."""
+        names: dict[str, int] = {}
+        out: list[int] = []
+        for s in self.sources:
+            rows = s.splits.get(split)
+            if rows:
+                out += [names.setdefault(s.name.split(":")[0], len(names))] * len(rows)
+        return out
+
     def examples(self, split: str, key: str, token_level: bool = False) -> ExampleSet:
         """The `split` rows of every source (train: queries + extra texts; dev/test: queries) as one set."""
         parts = [s for s in self.sources if s.splits.get(split)]

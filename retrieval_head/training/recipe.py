@@ -142,6 +142,7 @@ class TrainSpec:
     feature_dropout: float = 0.0  # train only: dropout on the head's pooled LM features
     ema_decay: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights (0 = off)
     batch_size: int = 64  # per process
+    batches: str = "mixed"  # mixed (any rows) | per_dataset (each batch from one dataset: in-domain negatives)
     grad_accum: int = 1
     max_steps: int = 12000  # optimizer steps (chosen on the dev splits, training/EXPERIMENTS.md)
     warmup_ratio: float = 0.05
@@ -258,6 +259,7 @@ class Recipe:
         _check(t.best_metric in ("ndcg@10", "recall@10", "mrr@10", "cosine"), "train.best_metric", t.best_metric,
                "ndcg@10, recall@10, mrr@10 or cosine")
         _check(t.keep in ("last", "best"), "train.keep", t.keep, "last or best")
+        _check(t.batches in ("mixed", "per_dataset"), "train.batches", t.batches, "mixed or per_dataset")
 
     # --- (de)serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,17 +24,40 @@ class FeatureHead(nn.Module):
 class EpochOrder(torch.utils.data.Dataset):
     """Example indices in a seeded order per epoch (`use_epoch`), so a run and its resumed copy agree.
 
+    With `groups` (a group id per example, e.g. its dataset) and `batch_size`, every run of `batch_size`
+    consecutive indices comes from one group where it can (sentence-transformers' per-dataset batches): each group is
+    shuffled and cut into full batches, what is left over of every group fills mixed batches, and the batches are
+    shuffled. In-batch negatives then come from the same domain, not trivially from another dataset.
+
     Not named `set_epoch`: accelerate calls a dataset's `set_epoch` with its own count of iterations over the
     loader, which restarts at 0 for the loader `skip_first_batches` returns on resume.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed = size, seed
+    def __init__(self, size: int, seed: int, groups: Sequence[int] | None = None, batch_size: int = 0) -> None:
+        if groups is not None and (len(groups) != size or batch_size < 1):
+            raise ValueError(f"groups needs one id per example ({len(groups)} for {size}) and a batch_size >= 1")
+        self.size, self.seed, self.batch_size = size, seed, batch_size
+        self.groups = None if groups is None else torch.as_tensor(list(groups), dtype=torch.long)
         self.use_epoch(0)
 
     def use_epoch(self, epoch: int) -> None:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        self.order = torch.randperm(self.size, generator=generator).tolist()
+        if self.groups is None:
+            self.order = torch.randperm(self.size, generator=generator).tolist()
+            return
+        shuffled = torch.randperm(self.size, generator=generator)
+        batches, rest, b = [], [], self.batch_size
+        for group in torch.unique(self.groups).tolist():
+            rows = shuffled[self.groups[shuffled] == group]
+            full = len(rows) - len(rows) % b
+            batches += list(rows[:full].split(b))
+            rest.append(rows[full:])
+        rest = torch.cat(rest)
+        rest = rest[torch.randperm(len(rest), generator=generator)]
+        full = len(rest) - len(rest) % b
+        batches += list(rest[:full].split(b))
+        picked = torch.randperm(len(batches), generator=generator).tolist()
+        self.order = torch.cat([batches[i] for i in picked] + [rest[full:]]).tolist()
 
     def __len__(self) -> int:
         return self.size
@@ -106,11 +130,13 @@ def loss_inputs(lo: Any, batch: dict[str, torch.Tensor], documents: torch.Tensor
     if lo.rank > 0:
         kwargs["rank_documents"] = documents
         kwargs["top_k_indices"] = batch["top_k"]
-    if lo.contrastive > 0 and not lo.gold_positives and accelerator.num_processes > 1:
-        from retrieval_head.training.losses import gathered_candidates
+    if lo.contrastive > 0 and not lo.gold_positives:
+        from retrieval_head.training.losses import gathered_candidates, label_free_positives
 
-        kwargs["candidates"], kwargs["positives"] = gathered_candidates(
-            batch["teacher"], accelerator.gather, accelerator.process_index)
+        teacher, own = batch["teacher"], None
+        if accelerator.num_processes > 1:
+            teacher, own = gathered_candidates(batch["teacher"], accelerator.gather, accelerator.process_index)
+        kwargs["candidates"], kwargs["positives"] = teacher, label_free_positives(batch["teacher"], teacher, own)
     if lo.contrastive > 0 and lo.gold_positives:
         gold = batch["gold"]
         ids = torch.unique(gold[gold >= 0])

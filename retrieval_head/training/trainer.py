@@ -212,7 +212,8 @@ class Trainer:
         from transformers import get_cosine_schedule_with_warmup
 
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_ratio * t.max_steps), t.max_steps)
-        order = EpochOrder(len(train_set), t.seed)
+        groups = data.groups("train") if t.batches == "per_dataset" else None
+        order = EpochOrder(len(train_set), t.seed, groups, t.batch_size)
         drop_last = len(train_set) >= t.batch_size * acc.num_processes
         loader = torch.utils.data.DataLoader(order, batch_size=t.batch_size, shuffle=False, drop_last=drop_last,
                                              collate_fn=train_set.batch,

@@ -37,6 +37,15 @@ def test_oversample_repeats_only_the_named_sources_train_rows() -> None:
     assert sources[1].splits["train"] == [0, 1] and sources[2].splits["train"] == [0]
 
 
+def test_groups_give_a_dataset_and_its_corpus_one_id_per_train_row() -> None:
+    from retrieval_head.training.datasets import TrainingData
+
+    sources = [source("dstc", [0, 1, 2]), source("dstc:corpus", [0, 1]), source("scifact", [0]),
+               source("empty", []), source("notes.txt", [0, 1])]
+    data = TrainingData(sources=sources, documents=torch.zeros(0, 2), doc_ids=[], fingerprint=None, hidden_size=2)
+    assert data.groups("train") == [0, 0, 0, 0, 0, 1, 2, 2]  # rows in the order examples() concatenates them
+
+
 def test_oversample_names_an_unknown_source_and_the_known_ones() -> None:
     with pytest.raises(RecipeError, match=r"\['dstc11'\].*'dstc', 'scifact'"):
         oversample([source("dstc", [0]), source("scifact", [0])], {"dstc11": 2})

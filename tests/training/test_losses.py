@@ -281,3 +281,19 @@ def test_distillation_non_finite_names_the_part() -> None:
         DistillationLoss({"alignment": 1.0, "contrastive": 0.1})(t(Q), t(D), candidates=nan_docs)
     with pytest.raises(FloatingPointError, match="rank"):
         DistillationLoss({"alignment": 1.0, "rank": 0.1})(t(Q), t(D), rank_documents=nan_docs)
+
+
+def test_label_free_positives_make_a_repeated_text_a_positive_not_a_negative() -> None:
+    from retrieval_head.training.losses import label_free_positives
+
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.6, 0.8]])  # rows 0 and 2: the same text
+    mask = label_free_positives(teacher, teacher)
+    assert mask.tolist() == [[True, False, True, False], [False, True, False, False],
+                             [True, False, True, False], [False, False, False, True]]
+    everyone = torch.cat([torch.tensor([[0.0, 1.0], [1.0, 0.0]]), teacher])  # another rank's rows first
+    mask = label_free_positives(teacher, everyone, own=torch.arange(4) + 2)
+    assert mask[0].tolist() == [False, True, True, False, True, False]
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]], requires_grad=True)
+    plain = ContrastiveLoss(0.05)(student, teacher)
+    fixed = ContrastiveLoss(0.05)(student, teacher, label_free_positives(teacher, teacher))
+    assert fixed < plain - 0.3  # a duplicate as a negative holds the loss near log 2 for a perfect student

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from retrieval_head.training.recipe import Recipe, RecipeError
-from retrieval_head.training.steps import adamw, regularize
+from retrieval_head.training.steps import EpochOrder, adamw, regularize
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -81,3 +81,20 @@ def test_adamw_is_fused_and_steps_as_the_reference_adamw():
         plain.step()
     for name, p in head.named_parameters():
         torch.testing.assert_close(p.detach(), reference[name].detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_per_dataset_order_makes_single_dataset_batches_of_a_permutation():
+    groups = [0] * 70 + [1] * 45 + [2] * 5  # 120 rows, batches of 16
+    order = EpochOrder(len(groups), seed=3, groups=groups, batch_size=16)
+    rows = [order[i] for i in range(len(order))]
+    assert sorted(rows) == list(range(120))  # every row once an epoch
+    batches = [rows[i : i + 16] for i in range(0, 112, 16)]
+    pure = [b for b in batches if len({groups[r] for r in b}) == 1]
+    assert len(pure) == 70 // 16 + 45 // 16  # 4 + 2 full batches of one dataset; the leftovers fill the rest
+    assert {groups[b[0]] for b in pure} == {0, 1}
+    again = EpochOrder(len(groups), seed=3, groups=groups, batch_size=16)
+    assert [again[i] for i in range(120)] == rows  # seeded: a resumed run sees the same order
+    order.use_epoch(1)
+    assert [order[i] for i in range(120)] != rows
+    with pytest.raises(ValueError, match="one id per example"):
+        EpochOrder(10, seed=0, groups=[0] * 9, batch_size=4)

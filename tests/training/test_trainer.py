@@ -202,6 +202,15 @@ def test_input_regularizers_change_training_and_keep_it_finite(tmp_path):
     assert not torch.equal(a["head.static.weight"], b["head.static.weight"])
 
 
+def test_per_dataset_batches_train_and_resume_to_the_same_weights(tmp_path):
+    recipe = tiny_recipe(tmp_path).replace(**{"train.batches": "per_dataset", "train.save_every": 3})
+    run(recipe, tmp_path / "full")
+    run(recipe, tmp_path / "resumed", stop_after_steps=5)
+    run(recipe, tmp_path / "resumed", resume=True)
+    a, b = weights(tmp_path / "full/checkpoints/step-12"), weights(tmp_path / "resumed/checkpoints/step-12")
+    assert all(torch.isfinite(v).all() for v in a.values()) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_attention_pooling_trains_on_span_tokens_with_a_weighted_static_branch(tmp_path):
     from retrieval_head import RetrievalModel
 

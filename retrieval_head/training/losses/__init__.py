@@ -14,7 +14,12 @@ trainer can feed cached teacher embeddings and cached hidden states alike. Conve
 """
 
 from retrieval_head.training.losses.alignment import AlignmentLoss
-from retrieval_head.training.losses.contrastive import ContrastiveLoss, gathered_candidates, positives_to_mask
+from retrieval_head.training.losses.contrastive import (
+    ContrastiveLoss,
+    gathered_candidates,
+    label_free_positives,
+    positives_to_mask,
+)
 from retrieval_head.training.losses.distillation import DEFAULT_WEIGHTS, LOSS_NAMES, DistillationLoss
 from retrieval_head.training.losses.rank import RankDistillationLoss
 
@@ -26,5 +31,6 @@ __all__ = [
     "DistillationLoss",
     "RankDistillationLoss",
     "gathered_candidates",
+    "label_free_positives",
     "positives_to_mask",
 ]

@@ -74,6 +74,18 @@ def gathered_candidates(
     return everyone, own
 
 
+def label_free_positives(teacher_queries: Tensor, candidates: Tensor, own: Tensor | None = None) -> Tensor:
+    """[B, N] positives for label-free InfoNCE: each query's own candidate (`own` [B] indices; default: the
+    diagonal) and every candidate with the same teacher vector -- a text twice in one batch (oversampled sources,
+    repeated queries) is a positive of both, never a negative that the loss can only push away from itself."""
+    q = F.normalize(teacher_queries.detach().float(), dim=-1)
+    c = F.normalize(candidates.detach().float(), dim=-1)
+    mask = (q @ c.T) > 1 - 1e-6
+    own = torch.arange(q.shape[0], device=q.device) if own is None else own
+    mask[torch.arange(q.shape[0], device=q.device), own] = True
+    return mask
+
+
 class ContrastiveLoss(nn.Module):
     """InfoNCE of head query embeddings against teacher-embedded candidates, with in-batch negatives.
 
