@@ -59,6 +59,14 @@ class ProjectionHead(nn.Module):
         """New weights were loaded: pack (and fuse) them again on the next inference call."""
         module._packed = module._fused = None
 
+    def train(self, mode: bool = True) -> ProjectionHead:
+        """Entering or leaving training drops the inference caches (packed and fused weights): an optimizer may
+        update the weights in place without bumping their version (torch's fused AdamW does not), so a cache
+        keyed by version would serve the weights of an earlier evaluation."""
+        if mode or self.training:
+            self._packed = self._fused = None
+        return super().train(mode)
+
     def _build(self, config: RetrievalHeadConfig, hidden_size: int) -> None:
         if config.head_type == "linear":
             self.project = nn.Linear(hidden_size, config.output_dim)

@@ -289,6 +289,28 @@ def test_the_fused_inference_path_equals_the_layer_by_layer_one_and_follows_new_
     assert not torch.allclose(flipped, fused, atol=1e-3)
 
 
+@pytest.mark.parametrize("quantize", [None, "float16"])
+def test_evaluation_after_fused_adamw_steps_reads_the_new_weights_not_a_stale_cache(quantize) -> None:
+    states, mask = states_and_mask()
+    ids = torch.randint(0, 50, mask.shape, generator=torch.Generator().manual_seed(0))
+    head = static_head().quantize(quantize).eval()
+    with torch.inference_mode():
+        head(states, mask, ids)  # an evaluation fills the caches
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.1, fused=True)  # steps do not bump weight versions
+    head.train()
+    for _ in range(3):
+        head(states, mask, ids).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    head.eval()
+    with torch.inference_mode():
+        evaluated = head(states, mask, ids)
+    fresh = static_head().quantize(quantize).eval()
+    fresh.load_state_dict(head.state_dict())
+    with torch.inference_mode():
+        assert torch.allclose(evaluated, fresh(states, mask, ids), atol=1e-6)
+
+
 def attention_head(static_dim: int = 0, **overrides) -> ProjectionHead:
     """An attention-pooling head whose scores are trained-like (non-zero), and the same head pooling by mean."""
     config = small_config(pooling="attention", static_dim=static_dim,
