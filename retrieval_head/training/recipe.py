@@ -62,9 +62,8 @@ HEAD_FIELDS = (
 HEAD_DEFAULTS: dict[str, Any] = {"layer": 24, "pooling": "attention", "inner_dim": 2048, "static_dim": 256,
                                  "output_dim": None, "max_length": 256, "quantize_to": "float16"}
 """Where the recipe's default differs from the config's: layer, pooling, MLP and static width chosen on dev
-(EXPERIMENTS.md),
-the teacher's own dim (None), its max_seq_length, and float16 weights at CPU inference (fp32 retention to 0.1 point,
-half the bytes read per query: benchmarks/results/quantization.md)."""
+(EXPERIMENTS.md), the teacher's own dim (None), its max_seq_length, and float16 weights at CPU inference (fp32
+retention to 0.1 point, half the bytes read per query: benchmarks/results/quantization.md)."""
 
 
 def _head_spec() -> type:
