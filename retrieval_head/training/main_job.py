@@ -139,7 +139,8 @@ def run_main_job(output: str | Path = "heads/main-job", shipped: str | Path = SH
     text = format_main_report(result.test, shipped_report, note, seconds, timings)
     print(text)
     report = {"recipe": recipe.name, "seconds": round(seconds, 1), "timings": timings, "fresh": result.test,
-              "shipped": shipped_report, "shipped_note": note, "shipped_folder": str(folder) if folder else None}
+              "shipped": shipped_report, "shipped_note": note,
+              "shipped_folder": str(shipped) if folder else None}  # as given, never a machine path
     (output / "main_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     (output / "main_report.txt").write_text(text + "\n")
     print(f"fresh head (safetensors + config + card), recipe, log and report: {output}/")
