@@ -87,6 +87,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, head_default: str | No
                             help="torch thread settings to measure, each for every path (default: torch's own).")
     else:
         parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own).")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="Precision the base LM is loaded in (a trained head's; default: %(default)s).")
     parser.add_argument("--results", default=str(RESULTS), help="Output folder (default: benchmarks/results).")
     parser.add_argument("--name", default=None, help="Result file name stem (default: the benchmark's name).")
 
@@ -108,7 +110,9 @@ def resolve_head(spec: str | None) -> str:
     """The head to load: the given one, else the shipped head when it exists, else 'untrained'."""
     if spec:
         return spec
-    return str(SHIPPED_HEAD) if (SHIPPED_HEAD / "config.json").is_file() else UNTRAINED
+    if not (SHIPPED_HEAD / "config.json").is_file():
+        return UNTRAINED
+    return os.path.relpath(SHIPPED_HEAD)  # relative: results name no machine path
 
 
 def set_threads(threads: int | None) -> None:
@@ -119,8 +123,11 @@ def set_threads(threads: int | None) -> None:
 
 
 def load_model_and_teacher(spec: str, layer: int = 20, head_type: str = "mlp", device: str | None = None,
-                           load_teacher: bool = True) -> tuple[Any, Any, str]:
-    """(RetrievalModel, teacher or None, description). 'untrained' attaches a fresh head to the embedded agent."""
+                           load_teacher: bool = True, dtype: str = "float32") -> tuple[Any, Any, str]:
+    """(RetrievalModel, teacher or None, description). 'untrained' attaches a fresh head to the embedded agent;
+    a trained head's base is loaded in `dtype`."""
+    import torch
+
     from retrieval_head import RetrievalHeadConfig, RetrievalModel, get_retrieval_model
     from retrieval_head.io.embedded import BASE_ID, load_embedded_base, load_teacher_by_id
     from retrieval_head.io.embedded import load_teacher as load_embedded_teacher
@@ -136,14 +143,15 @@ def load_model_and_teacher(spec: str, layer: int = 20, head_type: str = "mlp", d
         if device:
             model.to(device)
         return model.eval(), (teacher if load_teacher else None), f"untrained {head_type} head at layer {layer}"
-    model = RetrievalModel.from_pretrained(spec, device=device).eval()
+    model = RetrievalModel.from_pretrained(spec, device=device, dtype=getattr(torch, dtype)).eval()
     teacher = None
     if load_teacher:
         info = model.config.teacher or {}
         if not info.get("teacher_id"):
             raise SystemExit(f"error: the head {spec} records no teacher")
         teacher = load_teacher_by_id(info["teacher_id"], info.get("revision"), device=device)
-    return model, teacher, f"{spec} ({model.config.head_type} head, layer {model.config.layer})"
+    precision = "" if dtype == "float32" else f", base in {dtype}"
+    return model, teacher, f"{spec} ({model.config.head_type} head, layer {model.config.layer}{precision})"
 
 
 def head_summary(model: Any) -> dict[str, Any]:

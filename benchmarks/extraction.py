@@ -50,8 +50,10 @@ def sample_inputs(texts: int, dialogues: int, seed: int = 0) -> list[list[Any]]:
 
 
 def full_pass_features(model: Any, items: list[Any], batch_size: int = 16) -> torch.Tensor:
-    """Before: mean-pooled standardised states of the head's layer from a full causal-LM pass (with logits)."""
+    """Before: mean-pooled standardised states of the head's layer (as training caches them) from a full
+    causal-LM pass (with logits)."""
     from retrieval_head.core.kv_cache import cache_kwarg
+    from retrieval_head.core.pooling import pool
     from retrieval_head.training.features import _shared_prefix
 
     rendered = [model.renderer.render(item) for item in items]
@@ -72,7 +74,8 @@ def full_pass_features(model: Any, items: list[Any], batch_size: int = 16) -> to
                 kwargs = {cache_kwarg(base): cache}
             states = base(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True,
                           **kwargs).hidden_states[model.layer_index]
-            out[rows] = model.head.features(states, batch["span_mask"])
+            standardized = torch.nn.functional.layer_norm(states.float(), (states.shape[-1],))
+            out[rows] = pool(standardized, batch["span_mask"], "mean")
     return out
 
 
@@ -94,6 +97,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="Rounds that visit every path in turn.")
     args = parser.parse_args()
     set_threads(args.threads)
+    from retrieval_head.core.base import native_bfloat16
     from retrieval_head.training.features import extract_features
 
     model, _, description = load_model_and_teacher(resolve_head(args.head), layer=24, load_teacher=False)
@@ -103,19 +107,24 @@ def main() -> None:
     tokens = sum(len(model.renderer.render(item).input_ids) for item in items)
     layer = model.layer_index
 
-    def after(autocast: str) -> torch.Tensor:
-        return torch.cat([extract_features(model, group, [layer], show_progress_bar=False, autocast=autocast)[
+    bf16 = copy.deepcopy(model)  # the base loaded in bfloat16 (`from_pretrained(..., dtype=torch.bfloat16)`)
+    bf16.base_model.to(torch.bfloat16)
+
+    def after(on: Any, autocast: str = "float32") -> torch.Tensor:
+        return torch.cat([extract_features(on, group, [layer], show_progress_bar=False, autocast=autocast)[
             f"mean.L{layer}"].float() for group in groups])
 
     extract = {
         "before (full pass, logits)": lambda: torch.cat([full_pass_features(model, group) for group in groups]),
-        "after (truncated, no logits)": lambda: after("float32"),
-        "after, bfloat16 autocast": lambda: after("bfloat16"),
+        "after (truncated, no logits)": lambda: after(model),
+        "after, bfloat16 autocast": lambda: after(model, "bfloat16"),
+        "after, bfloat16 base": lambda: after(bf16),
     }
     queries = sample_inputs(args.encode_queries, 0, seed=1)[0]
     encode = {
         "before (full pass, logits)": lambda qs: full_pass_embed(model, qs),
         "after (truncated, no logits)": lambda qs: model.embed(qs),
+        "after, bfloat16 base": lambda qs: bf16.embed(qs),
     }
     seconds: dict[str, list[float]] = {name: [] for name in extract}
     encode_ms: dict[str, dict[str, list[float]]] = {name: {"batch 1": [], "batch 32": []} for name in encode}
@@ -151,11 +160,12 @@ def main() -> None:
         "head": description, "head_summary": head_summary(model), "machine": machine_info(),
         "texts": len(items), "tokens": tokens, "layer": layer, "rounds": args.rounds,
         "extraction": extraction, "encode_ms": encode_rows,
-        "encode_speedup": {size: round(encode_rows["before (full pass, logits)"][size]
-                                       / encode_rows["after (truncated, no logits)"][size], 2)
-                           for size in ("batch 1", "batch 32")},
+        "encode_speedup": {name: {size: round(encode_rows["before (full pass, logits)"][size] / row[size], 2)
+                                  for size in ("batch 1", "batch 32")}
+                           for name, row in encode_rows.items() if name.startswith("after")},
+        "cpu_bfloat16": native_bfloat16(),
     }
-    publish("extraction", result, markdown)
+    publish(args.name or "extraction", result, markdown, None, args.results)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -175,8 +185,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "| encode() on new text | batch 1 (ms, median) | batch 32 (ms, median) |", "|---|---:|---:|"]
     for name, row in result["encode_ms"].items():
         lines.append(f"| {name} | {row['batch 1']:.1f} | {row['batch 32']:.1f} |")
-    speed = result["encode_speedup"]
-    lines += ["", f"encode() speed-up: {speed['batch 1']:.2f}x at batch 1, {speed['batch 32']:.2f}x at batch 32."]
+    for name, speed in result["encode_speedup"].items():
+        lines.append(f"\nencode() speed-up, {name}: {speed['batch 1']:.2f}x at batch 1, "
+                     f"{speed['batch 32']:.2f}x at batch 32.")
+    lines += ["", f"Native bfloat16 on this CPU (what `base.dtype: auto` reads): {result['cpu_bfloat16']}."]
     return "\n".join(lines)
 
 

@@ -132,7 +132,7 @@ def evaluate_dataset(name: str, model: Any, teacher: Any, fingerprint: Any, args
     from retrieval_head.retrieval.data import load_dataset_folder
 
     dataset = load_dataset_folder(Path(args.data_root) / name)
-    test = sample_queries(held_out(dataset, model), args.max_queries)
+    test = sample_queries(held_out(dataset, model, args.split), args.max_queries)
     index_dir = Path(args.index_dir) / name if args.index_dir else None
     if args.max_docs:
         test = shrink_corpus(test, args.max_docs)
@@ -157,10 +157,11 @@ def evaluate_dataset(name: str, model: Any, teacher: Any, fingerprint: Any, args
 
 def markdown(result: dict[str, Any]) -> str:
     head = result["head"]
+    part = result["split"].get("part", "test")
     lines = [
-        f"## Retrieval quality, {head['head_type']} head (held-out test splits)",
+        f"## Retrieval quality, {head['head_type']} head (held-out {part} splits)",
         "",
-        f"Head: {head['description']}; teacher {head['teacher']}. Test split: "
+        f"Head: {head['description']}; teacher {head['teacher']}. {part.capitalize()} split: "
         f"dev {result['split']['dev']} / test {result['split']['test']} / seed {result['split']['seed']}, by "
         "conversation or gold document (no query of it was trained on). Machine: "
         f"{describe_machine(result['machine'])}.",
@@ -268,6 +269,8 @@ def main() -> None:
     add_dataset_arguments(parser)
     parser.add_argument("--max-docs", type=int, default=None,
                         help="SMOKE RUNS ONLY: shrink each corpus to the relevant docs + others up to this many.")
+    parser.add_argument("--split", choices=("test", "dev"), default="test",
+                        help="Held-out split measured: test (reported once) or dev (for choices; default: test).")
     parser.add_argument("--batch-size", type=int, default=32, help="Encode batch size (default: %(default)s).")
     parser.add_argument("--progress", action="store_true", help="Show progress bars.")
     parser.add_argument("--no-peers", action="store_true",
@@ -284,7 +287,7 @@ def main() -> None:
               "- use this only to check the script", file=sys.stderr)
     from retrieval_head.evaluation.compare import check_teacher, split_settings
 
-    model, teacher, description = load_model_and_teacher(spec, args.layer, args.head_type)
+    model, teacher, description = load_model_and_teacher(spec, args.layer, args.head_type, dtype=args.dtype)
     fingerprint = check_teacher(model, teacher)
     started = time.perf_counter()
     static, distill_s = (None, None) if args.no_peers else load_static_peer(teacher, fingerprint, args.peer_cache)
@@ -308,7 +311,8 @@ def main() -> None:
         "head": {**head_summary(model), "description": description, "spec": spec},
         "training": {k: v for k, v in (model.config.training or {}).items() if k in ("datasets", "losses", "recipe",
                                                                                       "gold_positives", "steps")},
-        "split": split_settings(model), "max_queries": args.max_queries, "max_docs": args.max_docs,
+        "split": {**split_settings(model), "part": args.split}, "dtype": args.dtype,
+        "max_queries": args.max_queries, "max_docs": args.max_docs,
         "smoke": "; ".join(smoke) if smoke else None, "datasets": reports,
         "mean_retention": {m: sum(r["retention"].get(m, 0.0) for r in reports) / len(reports) for m in METRICS},
         "wall_s": round(time.perf_counter() - started, 1),

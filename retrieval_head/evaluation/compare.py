@@ -61,10 +61,12 @@ def split_settings(model: Any) -> dict[str, Any]:
             "seed": int(recorded.get("seed", 0))}
 
 
-def held_out(dataset: RetrievalDataset, model: Any = None) -> RetrievalDataset:
-    """The test split of `dataset` under the head's split settings: the queries training held out."""
+def held_out(dataset: RetrievalDataset, model: Any = None, part: str = "test") -> RetrievalDataset:
+    """The test (or `part="dev"`) split of `dataset` under the head's split settings: queries training held out."""
+    if part not in ("test", "dev"):
+        raise ValueError(f"part={part!r}: choose 'test' or 'dev'")
     s = split_settings(model)
-    return dataset.split(dev_fraction=s["dev"], test_fraction=s["test"], seed=s["seed"]).test
+    return getattr(dataset.split(dev_fraction=s["dev"], test_fraction=s["test"], seed=s["seed"]), part)
 
 
 def teacher_texts(queries: Sequence[Query], teacher: Any, max_tokens: int | None = None) -> tuple[list[str], int]:

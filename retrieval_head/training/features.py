@@ -198,13 +198,14 @@ def with_static_ids(model: RetrievalModel, items: Sequence[EncodeInput],
 
 def feature_settings_key(model: RetrievalModel, layers: Sequence[int], poolings: Sequence[str],
                          token_layer: int | None, prompt: str, autocast: str) -> str:
-    """Everything the features depend on but the texts: base (+ adapter) id and revision, template, layers..."""
+    """Everything the features depend on but the texts: base (+ adapter) id, revision and dtype, template, layers..."""
     config = model.config
     return cache_key(
         format=FORMAT_VERSION, base=config.base_model_name_or_path, revision=config.revision,
         adapter=config.adapter_name_or_path, adapter_revision=config.adapter_revision,
         template=config.query_template, system=config.system_prompt, max_length=config.max_length, prompt=prompt,
         layers=sorted(layers), poolings=sorted(poolings), token_layer=token_layer, autocast=autocast,
+        dtype=str(next(model.base_model.parameters()).dtype),
     )
 
 

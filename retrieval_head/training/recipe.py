@@ -42,7 +42,7 @@ class RecipeMismatchError(RecipeError):
 class ModelSpec:
     model: str = BASE_ID
     revision: str | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (the frozen base's dtype)
+    dtype: str = "auto"  # auto (bfloat16 where native, else float32) | float32 | bfloat16 | float16: the frozen base's
 
 
 @dataclass

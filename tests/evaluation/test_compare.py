@@ -126,6 +126,9 @@ def test_held_out_is_the_recorded_split(world: SimpleNamespace) -> None:
     assert held_out(world.data).query_ids == world.data.split().test.query_ids
     recorded = SimpleNamespace(config=SimpleNamespace(training={"split": {"dev": 0.2, "test": 0.3, "seed": 1}}))
     assert held_out(world.data, recorded).query_ids == world.data.split(0.2, 0.3, seed=1).test.query_ids
+    assert held_out(world.data, recorded, "dev").query_ids == world.data.split(0.2, 0.3, seed=1).dev.query_ids
+    with pytest.raises(ValueError, match="'train'"):
+        held_out(world.data, part="train")
 
 
 def test_head_inputs_are_chat_messages(world: SimpleNamespace) -> None:

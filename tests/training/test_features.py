@@ -92,6 +92,10 @@ def test_another_layer_set_or_base_is_never_reused(tmp_path: Path) -> None:
     other.config.base_model_name_or_path = "someone/another-base"
     cached_features(other, TEXTS, cache, [2], show_progress_bar=False)
     assert len(list(tmp_path.iterdir())) == 3
+    in_bf16 = make_model()
+    in_bf16.base_model.to(torch.bfloat16)  # `base.dtype: bfloat16` (or `auto` on a CPU with native bf16)
+    cached_features(in_bf16, TEXTS, cache, [2], show_progress_bar=False)
+    assert len(list(tmp_path.iterdir())) == 4
 
 
 def test_bfloat16_autocast_is_close_and_an_unknown_precision_is_refused() -> None:
