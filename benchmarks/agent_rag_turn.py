@@ -17,6 +17,7 @@ gold documents (top 10 ranked; the top `--k` are the answer's passages), beside 
 Writes benchmarks/results/agent_rag_turn.{json,md,png}. Usage:
 
     .venv/bin/python benchmarks/agent_rag_turn.py [--head DIR] [--dialogues 40] [--answer-tokens 32] [--threads 2]
+        [--dtype float32|bfloat16] [--name agent_rag_turn]
         [--history cold warm]
 """
 
@@ -63,7 +64,7 @@ def worker(args: argparse.Namespace) -> None:
     from retrieval_head.retrieval.index import DocumentIndex
 
     torch.set_num_threads(args.threads)
-    model = RetrievalModel.from_pretrained(args.head).eval()
+    model = RetrievalModel.from_pretrained(args.head, dtype=getattr(torch, args.dtype)).eval()
     fingerprint = TeacherFingerprint.from_dict(model.config.teacher)
     index = DocumentIndex.load(args.index, expected_teacher=fingerprint)
     dataset, queries = sample(model, args.dialogues + 1)  # the first one warms up, untimed
@@ -151,7 +152,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{result['dialogues']} held-out dialogues (after one warm-up), greedy answers of at most "
         f"{result['answer_tokens']} tokens from the top {result['k']} passages; each path in its own process, "
-        f"{result['threads']} threads. Head: `{result['head']}`. Machine: {describe_machine(result['machine'])}. "
+        f"{result['threads']} threads, the LM in {result.get('dtype', 'float32')}. Head: `{result['head']}`. "
+        f"Machine: {describe_machine(result['machine'])}. "
         "Cold: the turn computes the whole dialogue. Warm: the earlier turns are already in the KV cache "
         "(`NativeRetriever.prefill`, untimed), as in a running chat; the turn computes the user's new message "
         "and what follows.",
@@ -216,6 +218,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3, help="Passages fed to the answer.")
     parser.add_argument("--passage-chars", type=int, default=400)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="The LM's precision, the same in every path (bfloat16: where the CPU runs it natively).")
+    parser.add_argument("--name", default="agent_rag_turn", help="Result file stem (default: %(default)s).")
     parser.add_argument("--index", default=str(ROOT / ".cache" / "indexes" / DATASET),
                         help="The teacher's index of the corpus (built by benchmarks/quality.py or `eval`).")
     parser.add_argument("--history", nargs="+", choices=sorted(HISTORY), default=list(HISTORY),
@@ -248,7 +253,7 @@ def main() -> None:
                 command = [sys.executable, __file__, "--worker", key, "--history", history, "--out", str(out),
                            "--head", args.head, "--dialogues", str(args.dialogues), "--answer-tokens",
                            str(args.answer_tokens), "--k", str(args.k), "--passage-chars", str(args.passage_chars),
-                           "--threads", str(args.threads), "--index", args.index]
+                           "--threads", str(args.threads), "--index", args.index, "--dtype", args.dtype]
                 print(f"path {key}, {history} ...", file=sys.stderr, flush=True)
                 subprocess.run(command, check=True)
                 data = json.loads(out.read_text())
@@ -258,9 +263,9 @@ def main() -> None:
     reference = quality(teacher_reference(model, dataset, queries, index), [q.id for q in queries], dataset.qrels)
     result = {"benchmark": "agent_rag_turn", "machine": machine_info(), "head": repo_relative(args.head),
               "dataset": DATASET, "dialogues": len(queries), "answer_tokens": args.answer_tokens, "k": args.k,
-              "passage_chars": args.passage_chars, "threads": args.threads, "history": runs,
+              "passage_chars": args.passage_chars, "threads": args.threads, "dtype": args.dtype, "history": runs,
               "teacher_on_dialogue": reference}
-    publish("agent_rag_turn", result, markdown, plot)
+    publish(args.name, result, markdown, plot)
 
 
 if __name__ == "__main__":
