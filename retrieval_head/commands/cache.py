@@ -2,6 +2,8 @@
 
 It builds exactly what `retrieval-head train` reads (the same keys), in shards written as they finish: run it in the
 background with its progress bar, kill it and run it again to resume; `train` then starts from the cache.
+Under `accelerate launch` every process extracts its share of the LM feature shards (for more cores or GPUs:
+`accelerate launch -m retrieval_head.cli cache --recipe R.yaml`); the first process then fills the teacher caches.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ def _run(args: argparse.Namespace) -> int:
     import sys
     import time
 
+    from accelerate import PartialState
+
     from retrieval_head.core.model import get_retrieval_model
     from retrieval_head.retrieval.fingerprint import TeacherFingerprint
     from retrieval_head.train import load_recipe_with_overrides
-    from retrieval_head.training.datasets import build_training_data
+    from retrieval_head.training.datasets import build_training_data, prefill_features
     from retrieval_head.training.recipe import RecipeError
     from retrieval_head.training.setup import TeacherDimError, head_config, load_models, recipe_cache
 
@@ -41,6 +45,14 @@ def _run(args: argparse.Namespace) -> int:
                                                                    revision=recipe.teacher.revision)
         model = get_retrieval_model(base, head_config(recipe, fingerprint), tokenizer).eval()
         cache = recipe_cache(recipe)
+        state = PartialState()
+        if state.num_processes > 1:
+            model.to(state.device)
+            prefill_features(recipe, model, cache, state.process_index, state.num_processes,
+                             show_progress_bar=not args.quiet and state.is_main_process)
+            state.wait_for_everyone()
+        if not state.is_main_process:
+            return 0
         data = build_training_data(recipe, model, teacher, fingerprint, cache, show_progress_bar=not args.quiet)
     except (RecipeError, TeacherDimError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -30,7 +30,14 @@ from retrieval_head.io.tensor_cache import TensorCache
 from retrieval_head.retrieval.data import Query, RetrievalDataset, load_dataset_folder
 from retrieval_head.retrieval.fingerprint import TeacherFingerprint
 from retrieval_head.retrieval.teacher import teacher_embeddings, teacher_max_tokens, teacher_query_text, teacher_top_k
-from retrieval_head.training.features import cached_features, feature_key, with_static_ids
+from retrieval_head.training.features import (
+    SHARD_SIZE,
+    build_features,
+    cached_features,
+    feature_key,
+    shard_names,
+    with_static_ids,
+)
 from retrieval_head.training.recipe import Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
@@ -289,32 +296,24 @@ def oversample(sources: list[Source], counts: dict[str, int]) -> None:
             source.splits["train"] = source.splits.get("train", []) * counts[source.name]
 
 
-def build_training_data(
-    recipe: Recipe,
-    model: Any,
-    teacher: Any,
-    fingerprint: TeacherFingerprint,
-    cache: TensorCache,
-    show_progress_bar: bool = True,
-) -> TrainingData:
-    """Load, split and sample the recipe's data, then fill (or reuse) every cache: LM features, teacher
-    document and query embeddings. `model` is the RetrievalModel whose base reads the texts."""
-    d, f = recipe.data, recipe.features
-    tokenizer = teacher.tokenizer
-    max_tokens = teacher_max_tokens(teacher, recipe.teacher.max_tokens)
-    documents: list[torch.Tensor] = []
-    doc_ids: list[str] = []
-    sources: list[Source] = []
+@dataclass
+class SourcePlan:
+    """One source's texts and splits, before anything is computed: what `build_training_data` embeds and
+    `prefill_features` extracts."""
 
-    def features_of(items: list[Any]) -> dict[str, torch.Tensor]:
-        features = cached_features(model, items, cache, f.layers, f.poolings, f.token_layer,
-                                   batch_size=f.batch_size, show_progress_bar=show_progress_bar)
-        return with_static_ids(model, items, features)
+    name: str
+    kind: str  # "queries" | "dialogues" | "corpus" | "texts"
+    items: list[Any]  # the LM inputs
+    splits: dict[str, list[int]]
+    queries: list[Query] | None = None  # queries / dialogues: the teacher embeds their text, not `items`
+    dataset: RetrievalDataset | None = None  # whose corpus ranks the teacher's top-k (None: a text file)
+    evaluate: bool = False
 
-    def teacher_of(texts: list[str], kind: str = "query") -> torch.Tensor:
-        return teacher_embeddings(teacher, texts, cache, fingerprint, kind, recipe.teacher.batch_size,
-                                  show_progress_bar)
 
+def plan_sources(recipe: Recipe) -> list[SourcePlan]:
+    """Load, split and sample the recipe's data into sources (no model runs)."""
+    d = recipe.data
+    plans: list[SourcePlan] = []
     for position, name in enumerate(d.datasets):
         dataset = load_dataset_folder(resolve_data_path(d.root, name))
         split = dataset.split(d.dev_fraction, d.test_fraction, seed=d.split_seed)
@@ -331,48 +330,88 @@ def build_training_data(
         queries = [dataset.queries[i] for i in keep]
         logger.info("%s: %d queries (train %d, dev %d, test %d)", name, len(queries),
                     *(len(chosen[s]) for s in ("train", "dev", "test")))
-
-        start = len(doc_ids)
-        doc_emb = teacher_of(dataset.document_texts(), "document")
-        documents.append(doc_emb)
-        doc_ids.extend(dataset.doc_ids)
-        doc_index = {doc: start + i for i, doc in enumerate(dataset.doc_ids)}
-        query_emb = teacher_of([teacher_query_text(q, tokenizer, max_tokens) for q in queries])
-        top_k = teacher_top_k(query_emb, doc_emb, recipe.loss.top_k) + start
-        gold = [[doc_index[doc] for doc, rel in sorted(dataset.qrels.get(q.id, {}).items()) if rel > 0]
-                for q in queries]
-        sources.append(Source(
-            name=name, kind="queries", items=[lm_input(q) for q in queries],
-            features=features_of([lm_input(q) for q in queries]), teacher=query_emb, top_k=top_k, gold=gold,
-            splits={s: [local[r] for r in rows] for s, rows in chosen.items()}, dataset=dataset,
-            query_ids=[q.id for q in queries], doc_range=(start, len(doc_ids)), evaluate=evaluate,
-        ))
+        plans.append(SourcePlan(name, "queries", [lm_input(q) for q in queries],
+                                {s: [local[r] for r in rows] for s, rows in chosen.items()}, queries, dataset,
+                                evaluate))
         if d.sub_dialogues:
             subs = sub_dialogues([dataset.queries[r] for r in chosen["train"]], [*split.dev, *split.test])
             if subs:
-                emb = teacher_of([teacher_query_text(q, tokenizer, max_tokens) for q in subs])
-                items = [lm_input(q) for q in subs]
-                sources.append(Source(
-                    name=f"{name}:dialogues", kind="dialogues", items=items, features=features_of(items),
-                    teacher=emb, top_k=teacher_top_k(emb, doc_emb, recipe.loss.top_k) + start,
-                    gold=[[] for _ in subs], splits={"train": list(range(len(subs)))},
-                ))
+                plans.append(SourcePlan(f"{name}:dialogues", "dialogues", [lm_input(q) for q in subs],
+                                        {"train": list(range(len(subs)))}, subs, dataset))
         if d.corpus_texts is None or d.corpus_texts > 0:
             texts = corpus_sentences(dataset, d.corpus_texts, seed)
-            emb = teacher_of(texts)
-            sources.append(Source(
-                name=f"{name}:corpus", kind="corpus", items=texts, features=features_of(texts), teacher=emb,
-                top_k=teacher_top_k(emb, doc_emb, recipe.loss.top_k) + start, gold=[[] for _ in texts],
-                splits={"train": list(range(len(texts)))},
-            ))
+            plans.append(SourcePlan(f"{name}:corpus", "corpus", texts, {"train": list(range(len(texts)))},
+                                    dataset=dataset))
     for path in d.text_files:
-        file = Path(path)
-        texts = read_text_file(file)
+        texts = read_text_file(Path(path))
+        plans.append(SourcePlan(Path(path).name, "texts", texts, {"train": list(range(len(texts)))}))
+    return plans
+
+
+def prefill_features(recipe: Recipe, model: Any, cache: TensorCache, rank: int, world_size: int,
+                     show_progress_bar: bool = True) -> None:
+    """This rank's share of every source's LM feature shards: the shards of all sources are numbered in turn and
+    rank `r` of `world_size` builds shards `r`, `r + world_size`, ... Under `accelerate launch` each process runs
+    it, then waits for the others: `build_training_data` afterwards finds every shard built."""
+    f, first = recipe.features, 0
+    for plan in plan_sources(recipe):
+        build_features(model, plan.items, cache, f.layers, f.poolings, f.token_layer, batch_size=f.batch_size,
+                       show_progress_bar=show_progress_bar, rank=rank, world_size=world_size, first_shard=first)
+        first += len(shard_names(plan.items, SHARD_SIZE))
+
+
+def build_training_data(
+    recipe: Recipe,
+    model: Any,
+    teacher: Any,
+    fingerprint: TeacherFingerprint,
+    cache: TensorCache,
+    show_progress_bar: bool = True,
+) -> TrainingData:
+    """Load, split and sample the recipe's data (`plan_sources`), then fill (or reuse) every cache: LM features,
+    teacher document and query embeddings. `model` is the RetrievalModel whose base reads the texts."""
+    d, f = recipe.data, recipe.features
+    tokenizer = teacher.tokenizer
+    max_tokens = teacher_max_tokens(teacher, recipe.teacher.max_tokens)
+    documents: list[torch.Tensor] = []
+    doc_ids: list[str] = []
+    corpora: dict[int, tuple[torch.Tensor, int, dict[str, int]]] = {}  # id(dataset) -> embeddings, start, row of
+    sources: list[Source] = []
+
+    def teacher_of(texts: list[str], kind: str = "query") -> torch.Tensor:
+        return teacher_embeddings(teacher, texts, cache, fingerprint, kind, recipe.teacher.batch_size,
+                                  show_progress_bar)
+
+    def corpus_of(dataset: RetrievalDataset) -> tuple[torch.Tensor, int, dict[str, int]]:
+        if id(dataset) not in corpora:
+            start = len(doc_ids)
+            documents.append(teacher_of(dataset.document_texts(), "document"))
+            doc_ids.extend(dataset.doc_ids)
+            corpora[id(dataset)] = documents[-1], start, {doc: start + i for i, doc in enumerate(dataset.doc_ids)}
+        return corpora[id(dataset)]
+
+    for plan in plan_sources(recipe):
+        texts = plan.items if plan.queries is None else [teacher_query_text(q, tokenizer, max_tokens)
+                                                          for q in plan.queries]
+        corpus = corpus_of(plan.dataset) if plan.dataset is not None else None
         emb = teacher_of(texts)
+        if corpus is None:
+            top_k = torch.full((len(texts), 1), -1, dtype=torch.long)
+        else:
+            top_k = teacher_top_k(emb, corpus[0], recipe.loss.top_k) + corpus[1]
+        features = with_static_ids(model, plan.items, cached_features(
+            model, plan.items, cache, f.layers, f.poolings, f.token_layer, batch_size=f.batch_size,
+            show_progress_bar=show_progress_bar))
+        queries = plan.queries if plan.kind == "queries" and corpus is not None else None
+        gold = [[] for _ in plan.items] if queries is None else [
+            [corpus[2][doc] for doc, rel in sorted(plan.dataset.qrels.get(q.id, {}).items()) if rel > 0]
+            for q in queries]
         sources.append(Source(
-            name=file.name, kind="texts", items=texts, features=features_of(texts), teacher=emb,
-            top_k=torch.full((len(texts), 1), -1, dtype=torch.long), gold=[[] for _ in texts],
-            splits={"train": list(range(len(texts)))},
+            name=plan.name, kind=plan.kind, items=plan.items, features=features, teacher=emb, top_k=top_k,
+            gold=gold, splits=plan.splits, dataset=plan.dataset if queries else None,
+            query_ids=[q.id for q in queries] if queries else None,
+            doc_range=(corpus[1], corpus[1] + len(plan.dataset.doc_ids)) if queries else None,
+            evaluate=plan.evaluate,
         ))
     oversample(sources, d.oversample)
     docs = torch.cat(documents) if documents else torch.empty((0, fingerprint.dim))

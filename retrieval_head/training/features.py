@@ -164,18 +164,42 @@ def cached_features(
     its texts: memory stays flat while building, a killed build resumes at the first missing shard, and a list
     that starts with another's shards (a larger sample of the same shuffled corpus) reuses them. With
     `world_size > 1` (`accelerate launch`), rank `r` extracts shards `r, r + world_size, ...`; call again after
-    a barrier to read them all (`build_feature_shards` does the first half alone).
+    a barrier to read them all (`build_features` does the first half alone).
     """
-    entry = cache.sharded("features", feature_settings_key(model, layers, poolings, token_layer, prompt, autocast))
+    entry = build_features(model, items, cache, layers, poolings, token_layer, prompt, batch_size, show_progress_bar,
+                           autocast, shard_size, rank, world_size)
     names = shard_names(items, shard_size)
-    build_feature_shards(model, items, entry, layers, poolings, token_layer, prompt, batch_size, show_progress_bar,
-                         autocast, shard_size, rank, world_size)
     missing = [name for name in names if not entry.has(name)]
     if missing:
         raise RuntimeError(f"{len(missing)} feature shards of {entry.folder} are not built yet: call again after "
                            "every rank has finished (accelerator.wait_for_everyone())")
     chunks = _chunks(items, shard_size)
     return concat_shards([_checked(entry.load(n), n, entry.folder, len(c)) for n, c in zip(names, chunks, strict=True)])
+
+
+def build_features(
+    model: RetrievalModel,
+    items: Sequence[EncodeInput],
+    cache: TensorCache,
+    layers: Sequence[int],
+    poolings: Sequence[str] = ("mean",),
+    token_layer: int | None = None,
+    prompt: str = "",
+    batch_size: int = 16,
+    show_progress_bar: bool = True,
+    autocast: str = "float32",
+    shard_size: int = SHARD_SIZE,
+    rank: int = 0,
+    world_size: int = 1,
+    first_shard: int = 0,
+) -> ShardedEntry:
+    """Build the missing feature shards of `items` that are this rank's (all of them with one process) and
+    return their cache entry; `cached_features` reads them. Shard `i` is rank `(first_shard + i) % world_size`'s:
+    numbering shards across several lists (`first_shard`) spreads many small lists over the ranks too."""
+    entry = cache.sharded("features", feature_settings_key(model, layers, poolings, token_layer, prompt, autocast))
+    build_feature_shards(model, items, entry, layers, poolings, token_layer, prompt, batch_size, show_progress_bar,
+                         autocast, shard_size, rank, world_size, first_shard)
+    return entry
 
 
 def with_static_ids(model: RetrievalModel, items: Sequence[EncodeInput],
@@ -223,11 +247,11 @@ def shard_names(items: Sequence[EncodeInput], shard_size: int) -> list[str]:
 def build_feature_shards(
     model: RetrievalModel, items: Sequence[EncodeInput], entry: ShardedEntry, layers: Sequence[int],
     poolings: Sequence[str], token_layer: int | None, prompt: str, batch_size: int, show_progress_bar: bool,
-    autocast: str, shard_size: int, rank: int = 0, world_size: int = 1,
+    autocast: str, shard_size: int, rank: int = 0, world_size: int = 1, first_shard: int = 0,
 ) -> None:
     """Extract and write every missing shard of this rank (a progress bar over texts, with an ETA)."""
     chunks, names = _chunks(items, shard_size), shard_names(items, shard_size)
-    mine = [i for i in range(len(chunks)) if i % world_size == rank]
+    mine = [i for i in range(len(chunks)) if (first_shard + i) % world_size == rank]
     todo = [i for i in mine if not _valid(entry, names[i], len(chunks[i]))]
     if not todo:
         return

@@ -37,7 +37,7 @@ from retrieval_head.core.errors import RetrievalHeadError
 from retrieval_head.io.folder import save_head
 from retrieval_head.retrieval.fingerprint import TeacherFingerprint
 from retrieval_head.training.averaging import weight_average
-from retrieval_head.training.datasets import TrainingData, build_training_data
+from retrieval_head.training.datasets import TrainingData, build_training_data, prefill_features
 from retrieval_head.training.recipe import Recipe, check_resumable
 from retrieval_head.training.setup import (
     feature_for,
@@ -164,6 +164,11 @@ class Trainer:
     def build_data(self) -> TrainingData:
         started = time.perf_counter()
         cache = recipe_cache(self.recipe)
+        acc = self.accelerator
+        if acc.num_processes > 1:  # each process extracts its share of the LM features; rank 0 then reads them all
+            prefill_features(self.recipe, self.model, cache, acc.process_index, acc.num_processes,
+                             show_progress_bar=self.show and acc.is_main_process)
+            acc.wait_for_everyone()
         with self.accelerator.main_process_first():
             data = build_training_data(self.recipe, self.model, self.teacher, self.fingerprint, cache,
                                        show_progress_bar=self.show and self.accelerator.is_main_process)

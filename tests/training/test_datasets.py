@@ -4,22 +4,26 @@ read)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from training_helpers import tiny_models, tiny_recipe, write_tiny_dataset
 
 from retrieval_head.retrieval.data import Query, load_dataset_folder
-from retrieval_head.training import Trainer
+from retrieval_head.training import Trainer, features
 from retrieval_head.training.datasets import (
     Source,
     corpus_sentences,
     lm_input,
     oversample,
+    plan_sources,
+    prefill_features,
     read_text_file,
     sub_dialogues,
 )
 from retrieval_head.training.recipe import RecipeError
+from retrieval_head.training.setup import recipe_cache
 
 
 def source(name: str, train: list[int]) -> Source:
@@ -99,3 +103,35 @@ def test_sub_dialogues_come_only_from_train_dialogues(tmp_path: Path) -> None:
     assert len(expected) > 0 and subs.items == [lm_input(q) for q in expected]
     assert subs.teacher.shape == (len(expected), 16) and len(subs.features["mean.L3"]) == len(expected)
     assert all(row.split("#")[0] in train_ids for row in (q.id for q in expected))
+
+
+def test_two_ranks_prefill_each_shard_once_and_the_data_then_needs_no_lm_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("".join(f"plain text number {i} for the head\n" for i in range(6)), encoding="utf-8")
+    recipe = tiny_recipe(tmp_path).replace(**{"data.sub_dialogues": True, "data.text_files": [str(text_file)]})
+    base, tokenizer, teacher = tiny_models()
+    trainer = Trainer(recipe, tmp_path / "run", base=base, tokenizer=tokenizer, teacher=teacher,
+                      show_progress_bar=False)
+    plans = plan_sources(recipe)
+    assert [p.kind for p in plans] == ["queries", "dialogues", "corpus", "texts"]
+    extracted: dict[int, list[Any]] = {0: [], 1: []}
+    real = features.extract_features
+    for rank in (0, 1):
+        def counting(model: Any, items: Any, *args: Any, rank: int = rank, **kwargs: Any) -> Any:
+            extracted[rank].extend(items)
+            return real(model, items, *args, **kwargs)
+
+        monkeypatch.setattr(features, "extract_features", counting)
+        prefill_features(recipe, trainer.model, recipe_cache(recipe), rank, 2, show_progress_bar=False)
+    # one shard per source here: the shards are numbered across sources, so rank 1 gets the 2nd and 4th
+    assert extracted[0] == plans[0].items + plans[2].items and extracted[1] == plans[1].items + plans[3].items
+
+    def no_lm_pass(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the LM ran after every rank had prefilled its shards")
+
+    monkeypatch.setattr(features, "extract_features", no_lm_pass)
+    data = trainer.build_data()
+    assert [(s.name, s.kind, s.items, s.splits) for s in data.sources] == [
+        (p.name, p.kind, p.items, p.splits) for p in plans]

@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 from training_helpers import tiny_recipe
 
+from retrieval_head.training.datasets import plan_sources
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -37,3 +39,7 @@ def test_two_cpu_processes_train_identical_weights(tmp_path):
     start = json.loads((tmp_path / "out/train_log.jsonl").read_text().splitlines()[0])
     assert start["processes"] == 2
     assert (tmp_path / "out/retrieval_head.safetensors").is_file()
+    # the LM features were extracted once, each process its share of the shards (one shard per source here)
+    extracted = [json.loads((tmp_path / f"out/extracted-rank{r}.json").read_text()) for r in (0, 1)]
+    texts = [json.loads(json.dumps(item)) for plan in plan_sources(recipe) for item in plan.items]
+    assert extracted[0] and extracted[1] and sorted(map(str, extracted[0] + extracted[1])) == sorted(map(str, texts))
