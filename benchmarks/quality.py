@@ -159,7 +159,8 @@ def markdown(result: dict[str, Any]) -> str:
     head = result["head"]
     part = result["split"].get("part", "test")
     lines = [
-        f"## Retrieval quality, {head['head_type']} head (held-out {part} splits)",
+        f"## Retrieval quality, {head['head_type']} head (held-out {part} splits"
+        + ("" if result.get("dtype", "float32") == "float32" else f", base in {result['dtype']}") + ")",
         "",
         f"Head: {head['description']}; teacher {head['teacher']}. {part.capitalize()} split: "
         f"dev {result['split']['dev']} / test {result['split']['test']} / seed {result['split']['seed']}, by "

@@ -49,14 +49,7 @@ from retrieval_head.training.setup import (
     training_summary,
 )
 from retrieval_head.training.split_evaluation import SplitEvaluator, format_report, score
-from retrieval_head.training.steps import (
-    EpochOrder,
-    FeatureHead,
-    adamw,
-    loss_inputs,
-    on_device,
-    regularize,
-)
+from retrieval_head.training.steps import EpochOrder, FeatureHead, adamw, loss_inputs, on_device, regularize
 
 logger = logging.getLogger(__name__)
 
@@ -162,16 +155,13 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------------------
     def build_data(self) -> TrainingData:
-        started = time.perf_counter()
-        cache = recipe_cache(self.recipe)
-        acc = self.accelerator
+        started, acc, cache = time.perf_counter(), self.accelerator, recipe_cache(self.recipe)
+        show = self.show and acc.is_main_process
         if acc.num_processes > 1:  # each process extracts its share of the LM features; rank 0 then reads them all
-            prefill_features(self.recipe, self.model, cache, acc.process_index, acc.num_processes,
-                             show_progress_bar=self.show and acc.is_main_process)
+            prefill_features(self.recipe, self.model, cache, acc.process_index, acc.num_processes, show)
             acc.wait_for_everyone()
-        with self.accelerator.main_process_first():
-            data = build_training_data(self.recipe, self.model, self.teacher, self.fingerprint, cache,
-                                       show_progress_bar=self.show and self.accelerator.is_main_process)
+        with acc.main_process_first():
+            data = build_training_data(self.recipe, self.model, self.teacher, self.fingerprint, cache, show)
         self.timings["data_s"] = time.perf_counter() - started
         return data
 
