@@ -400,8 +400,8 @@ def build_training_data(
         else:
             top_k = teacher_top_k(emb, corpus[0], recipe.loss.top_k) + corpus[1]
         features = with_static_ids(model, plan.items, cached_features(
-            model, plan.items, cache, f.layers, f.poolings, f.token_layer, batch_size=f.batch_size,
-            show_progress_bar=show_progress_bar))
+            model, plan.items, cache, f.layers, poolings=f.poolings, token_layer=f.token_layer,
+            batch_size=f.batch_size, show_progress_bar=show_progress_bar))
         queries = plan.queries if plan.kind == "queries" and corpus is not None else None
         gold = [[] for _ in plan.items] if queries is None else [
             [corpus[2][doc] for doc, rel in sorted(plan.dataset.qrels.get(q.id, {}).items()) if rel > 0]

@@ -148,26 +148,19 @@ def cached_features(
     items: Sequence[EncodeInput],
     cache: TensorCache,
     layers: Sequence[int],
-    poolings: Sequence[str] = ("mean",),
-    token_layer: int | None = None,
-    prompt: str = "",
-    batch_size: int = 16,
-    show_progress_bar: bool = True,
-    autocast: str = "float32",
     shard_size: int = SHARD_SIZE,
-    rank: int = 0,
-    world_size: int = 1,
+    **settings: Any,
 ) -> dict[str, torch.Tensor]:
-    """`extract_features`, computed once per base id + revision + layers + template + texts, then reused.
+    """`extract_features`, computed once per base id + revision + dtype + layers + template + texts, then reused.
 
     Built in shards of `shard_size` consecutive texts, each written as soon as it is done and named by a key of
     its texts: memory stays flat while building, a killed build resumes at the first missing shard, and a list
-    that starts with another's shards (a larger sample of the same shuffled corpus) reuses them. With
-    `world_size > 1` (`accelerate launch`), rank `r` extracts shards `r, r + world_size, ...`; call again after
-    a barrier to read them all (`build_features` does the first half alone).
+    that starts with another's shards (a larger sample of the same shuffled corpus) reuses them. `settings` are
+    `build_features`'s (poolings, token_layer, prompt, batch_size, show_progress_bar, autocast). Under
+    `accelerate launch` each process builds its share first (`build_features(..., rank=, world_size=)`), then,
+    after a barrier, this reads them all.
     """
-    entry = build_features(model, items, cache, layers, poolings, token_layer, prompt, batch_size, show_progress_bar,
-                           autocast, shard_size, rank, world_size)
+    entry = build_features(model, items, cache, layers, shard_size=shard_size, **settings)
     names = shard_names(items, shard_size)
     missing = [name for name in names if not entry.has(name)]
     if missing:
