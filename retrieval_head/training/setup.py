@@ -105,8 +105,9 @@ def kept_step(recipe: Recipe, state: dict[str, Any]) -> int | None:
     return state["best_step"] if recipe.train.keep == "best" else state["step"]
 
 
-def training_summary(recipe: Recipe, state: dict[str, Any], data: TrainingData) -> dict[str, Any]:
-    """What the card's training table shows (the full recipe is `recipe.yaml` beside the head)."""
+def training_summary(recipe: Recipe, state: dict[str, Any], data: TrainingData, base_dtype: str) -> dict[str, Any]:
+    """What the card's training table shows (the full recipe is `recipe.yaml` beside the head); `base_dtype` is
+    the precision the base's features were extracted in (`base.dtype: auto` depends on the machine)."""
     t, lo = recipe.train, recipe.loss
     counts = {s.name: len(s.splits.get("train", [])) for s in data.sources}
     return {
@@ -116,7 +117,7 @@ def training_summary(recipe: Recipe, state: dict[str, Any], data: TrainingData) 
         "gold_positives": lo.gold_positives, "top_k": lo.top_k, "lr": t.lr, "batch_size": t.batch_size,
         "grad_accum": t.grad_accum, "steps": state["step"], "best_step": state["best_step"],
         "kept": recipe.train.keep, "kept_step": kept_step(recipe, state),
-        "warmup_ratio": t.warmup_ratio, "seed": t.seed, "train_examples": sum(counts.values()),
-        "train_sources": counts, "datasets": list(recipe.data.datasets),
+        "warmup_ratio": t.warmup_ratio, "seed": t.seed, "base_dtype": base_dtype,
+        "train_examples": sum(counts.values()), "train_sources": counts, "datasets": list(recipe.data.datasets),
         "split": {"dev": recipe.data.dev_fraction, "test": recipe.data.test_fraction, "seed": recipe.data.split_seed},
     }

@@ -385,7 +385,8 @@ class Trainer:
         config.metrics = {name: {"head": e["head"], "teacher": e["teacher"], "split": "test",
                                  "queries": e["queries"], "cosine": round(e["cosine"], 4)}
                           for name, e in test.items() if isinstance(e, dict) and "head" in e}
-        config.training = training_summary(self.recipe, state, data)
+        dtype = str(next(self.model.base_model.parameters()).dtype).removeprefix("torch.")
+        config.training = training_summary(self.recipe, state, data, dtype)
         report = {"recipe": self.recipe.name, "kept": self.recipe.train.keep,
                   "kept_step": kept_step(self.recipe, state), "best_step": state["best_step"],
                   "best_dev_score": state["best_score"],

@@ -32,6 +32,7 @@ def test_training_writes_head_log_report_and_probe(tmp_path):
     assert {(r["layer"], r["pooling"]) for r in config.probe["results"]} == {
         (layer, p) for layer in (1, 2, 3) for p in ("mean", "last_token")}
     assert config.training["losses"] == {"alignment": 1.0, "contrastive": 0.1, "rank": 0.1}
+    assert config.training["base_dtype"] == "float32"  # the tiny base's: what its features were extracted in
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss/total" in r]
     assert [r["step"] for r in steps] == list(range(1, 13))
