@@ -64,6 +64,11 @@ class RetrievalModel(nn.Module, PushToHubMixin):
     def device(self) -> torch.device:
         return self._base_device()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The base's precision (the head stays fp32)."""
+        return next(self.base_model.parameters()).dtype
+
     def train(self, mode: bool = True) -> RetrievalModel:
         """Only the head trains; the base stays in eval mode so its outputs (and generation) don't change."""
         self.training = mode

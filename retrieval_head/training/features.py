@@ -188,10 +188,24 @@ def build_features(
 ) -> ShardedEntry:
     """Build the missing feature shards of `items` that are this rank's (all of them with one process) and
     return their cache entry; `cached_features` reads them. Shard `i` is rank `(first_shard + i) % world_size`'s:
-    numbering shards across several lists (`first_shard`) spreads many small lists over the ranks too."""
+    numbering shards across several lists (`first_shard`) spreads many small lists over the ranks too. A progress
+    bar over this rank's texts, with an ETA."""
     entry = cache.sharded("features", feature_settings_key(model, layers, poolings, token_layer, prompt, autocast))
-    build_feature_shards(model, items, entry, layers, poolings, token_layer, prompt, batch_size, show_progress_bar,
-                         autocast, shard_size, rank, world_size, first_shard)
+    chunks, names = _chunks(items, shard_size), shard_names(items, shard_size)
+    mine = [i for i in range(len(chunks)) if (first_shard + i) % world_size == rank]
+    todo = [i for i in mine if not _valid(entry, names[i], len(chunks[i]))]
+    if not todo:
+        return entry
+    total = sum(len(chunks[i]) for i in mine)
+    done = total - sum(len(chunks[i]) for i in todo)
+    prefix = shared_prefix_cache(model, [model.renderer.render(item, prompt) for item in items]) if items else None
+    meta = {"base": model.config.base_model_name_or_path, "layers": list(layers), "poolings": list(poolings),
+            "token_layer": token_layer, "autocast": autocast, "shard_size": shard_size}
+    with tqdm(total=total, initial=done, desc="LM hidden states", unit="text", disable=not show_progress_bar) as bar:
+        for index in todo:
+            tensors = extract_features(model, chunks[index], layers, poolings, token_layer, prompt, batch_size, False,
+                                       autocast, prefix_cache=prefix, progress=bar)
+            entry.save(names[index], tensors, meta)
     return entry
 
 
@@ -222,7 +236,7 @@ def feature_settings_key(model: RetrievalModel, layers: Sequence[int], poolings:
         adapter=config.adapter_name_or_path, adapter_revision=config.adapter_revision,
         template=config.query_template, system=config.system_prompt, max_length=config.max_length, prompt=prompt,
         layers=sorted(layers), poolings=sorted(poolings), token_layer=token_layer, autocast=autocast,
-        dtype=str(next(model.base_model.parameters()).dtype),
+        dtype=str(model.dtype),
     )
 
 
@@ -235,29 +249,6 @@ def _chunks(items: Sequence[EncodeInput], shard_size: int) -> list[Sequence[Enco
 def shard_names(items: Sequence[EncodeInput], shard_size: int) -> list[str]:
     """One name per shard of `shard_size` consecutive texts: a key of those texts."""
     return [cache_key(items=list(chunk)) for chunk in _chunks(items, shard_size)]
-
-
-def build_feature_shards(
-    model: RetrievalModel, items: Sequence[EncodeInput], entry: ShardedEntry, layers: Sequence[int],
-    poolings: Sequence[str], token_layer: int | None, prompt: str, batch_size: int, show_progress_bar: bool,
-    autocast: str, shard_size: int, rank: int = 0, world_size: int = 1, first_shard: int = 0,
-) -> None:
-    """Extract and write every missing shard of this rank (a progress bar over texts, with an ETA)."""
-    chunks, names = _chunks(items, shard_size), shard_names(items, shard_size)
-    mine = [i for i in range(len(chunks)) if (first_shard + i) % world_size == rank]
-    todo = [i for i in mine if not _valid(entry, names[i], len(chunks[i]))]
-    if not todo:
-        return
-    total = sum(len(chunks[i]) for i in mine)
-    done = total - sum(len(chunks[i]) for i in todo)
-    prefix = shared_prefix_cache(model, [model.renderer.render(item, prompt) for item in items]) if items else None
-    meta = {"base": model.config.base_model_name_or_path, "layers": list(layers), "poolings": list(poolings),
-            "token_layer": token_layer, "autocast": autocast, "shard_size": shard_size}
-    with tqdm(total=total, initial=done, desc="LM hidden states", unit="text", disable=not show_progress_bar) as bar:
-        for index in todo:
-            tensors = extract_features(model, chunks[index], layers, poolings, token_layer, prompt, batch_size, False,
-                                       autocast, prefix_cache=prefix, progress=bar)
-            entry.save(names[index], tensors, meta)
 
 
 def _valid(entry: ShardedEntry, name: str, rows: int) -> bool:

@@ -385,8 +385,7 @@ class Trainer:
         config.metrics = {name: {"head": e["head"], "teacher": e["teacher"], "split": "test",
                                  "queries": e["queries"], "cosine": round(e["cosine"], 4)}
                           for name, e in test.items() if isinstance(e, dict) and "head" in e}
-        dtype = str(next(self.model.base_model.parameters()).dtype).removeprefix("torch.")
-        config.training = training_summary(self.recipe, state, data, dtype)
+        config.training = training_summary(self.recipe, state, data, str(self.model.dtype).removeprefix("torch."))
         report = {"recipe": self.recipe.name, "kept": self.recipe.train.keep,
                   "kept_step": kept_step(self.recipe, state), "best_step": state["best_step"],
                   "best_dev_score": state["best_score"],

@@ -94,6 +94,7 @@ def test_fp32_head_on_a_bf16_base(arch: str) -> None:
     model = get_retrieval_model(base16, small_config(), tokenizer=tokenizer(chat=arch != "gpt2"))
     assert {p.dtype for p in model.base_model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.head.parameters()} == {torch.float32}
+    assert model.dtype == torch.bfloat16  # the base's precision
     emb = model.encode(TEXTS)
     assert emb.dtype == "float32" and emb.shape == (len(TEXTS), 16)
     assert torch.isfinite(torch.as_tensor(emb)).all()
