@@ -3,7 +3,11 @@
 (a) two-model: the LM writes a query -> the teacher `encode`s it -> search -> the LM answers;
 (b) native query: the LM writes a query -> the head embeds it from generation's states -> search -> answer;
 (c) native search-first: one prefill of the dialogue -> the head on the last user turn -> search -> the answer
-    continues the same KV cache (`SearchFirstAgent`).
+    continues the same KV cache (`SearchFirstAgent`);
+(d) as (c), with each passage's keys and values computed at index time (`PassageCache`, moved into place by
+    rotation): the turn computes only what plain answering would. The passages the run cites are prepared before
+    it (timed apart: the index-time cost), and its answers are compared with (c)'s (the same prompt computed
+    exactly): what reading each passage without the dialogue before it changes.
 (a) and (b) answer from the query turn's KV cache (`NativeRetriever.answer`), so they too never prefill the
 dialogue twice: what differs is the query the LM must write first, and who embeds it.
 
@@ -38,7 +42,8 @@ from common import DATA, ROOT, describe_machine, fmt, machine_info, publish, pyp
 
 DATASET = "dstc11_track5_val_reviewdoc"
 PATHS = {"a": "(a) two-model: LM query -> teacher", "b": "(b) native: LM query -> head",
-         "c": "(c) native search-first: prefill -> head"}
+         "c": "(c) native search-first: prefill -> head",
+         "d": "(d) as (c), passages' KV from index time"}
 HISTORY = {"cold": "the whole dialogue computed in the turn", "warm": "earlier turns already in the KV cache"}
 
 
@@ -76,6 +81,9 @@ def worker(args: argparse.Namespace) -> None:
         teacher = load_teacher_by_id(fingerprint.teacher_id, fingerprint.revision)
     query_agent = NativeRetriever(model, index, search_with="query")
     first = SearchFirstAgent(NativeRetriever(model, index), documents, k=args.k, passage_chars=args.passage_chars)
+    prepared = None
+    if args.worker == "d":
+        first, prepared = prepare_passages(first, model, queries, documents, args)
     rows = []
     for i, query in enumerate(queries):
         messages = query.as_messages()
@@ -83,10 +91,10 @@ def worker(args: argparse.Namespace) -> None:
         history_tokens = len(cache.ids) if cache is not None else 0
         started = time.perf_counter()
         with torch.inference_mode(), count_forwards(model.base_model) as calls:
-            if args.worker == "c":
+            if args.worker in ("c", "d"):
                 turn = first.turn(messages, max_new_tokens=args.answer_tokens, cache=cache)
                 embedding, first_token_s, answer = turn.embedding, turn.timings["first_token_s"], turn.answer
-                query_text = None
+                query_text, fed = None, turn.doc_ids
             else:
                 result = query_agent.generate_and_search(messages, k=args.k, max_new_tokens=24, cache=cache)
                 query_text = result.query_text
@@ -95,6 +103,7 @@ def worker(args: argparse.Namespace) -> None:
                     embedding = torch.as_tensor(teacher.encode(query_text, convert_to_numpy=True))
                     result.hits = query_agent.search(embedding, args.k)[0]
                 passages = [documents[h.doc_id][: args.passage_chars] for h in result.hits]
+                fed = result.doc_ids
                 clock = FirstToken(started)
                 answer, _ = query_agent.answer(messages, result, passages, max_new_tokens=args.answer_tokens,
                                                streamer=clock)
@@ -108,9 +117,40 @@ def worker(args: argparse.Namespace) -> None:
             continue
         rows.append({"id": query.id, "first_token_s": first_token_s, "total_s": total_s, "forwards": calls.count,
                      "tokens": calls.tokens, "plain_prompt_tokens": plain, "ranked": ranked[0],
-                     "query": query_text, "answer": answer})
+                     "query": query_text, "answer": answer, "grounded": names_a_passage(answer, fed, dataset)})
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(args.out).write_text(json.dumps({"rows": rows, "peak_rss_mib": peak_mib}))
+    Path(args.out).write_text(json.dumps({"rows": rows, "peak_rss_mib": peak_mib, "prepared": prepared}))
+
+
+def names_a_passage(answer: str, fed: list[str], dataset: Any) -> bool:
+    """Whether the answer names the entity (the document title: a hotel, a restaurant) of a passage it was fed."""
+    titles = {dataset.corpus[d].get("title", "").strip().lower() for d in fed} - {""}
+    return any(title in answer.lower() for title in titles)
+
+
+def prepare_passages(plain: Any, model: Any, queries: list[Any], documents: dict[str, str],
+                     args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """Path (d)'s agent, its passage cache filled with every passage the run cites (found by an untimed search-first
+    turn per dialogue), and what that index-time work cost; plus what the whole corpus would take."""
+    from retrieval_head.agent import PassageCache
+    from retrieval_head.agent.turn import SearchFirstAgent
+
+    cited = list(dict.fromkeys(d for q in queries for d in plain.turn(q.as_messages(), max_new_tokens=1).doc_ids))
+    passages = PassageCache(model, max_passages=None)
+    agent = SearchFirstAgent(plain.retriever, documents, k=args.k, passage_chars=args.passage_chars,
+                             passage_cache=passages)
+    started = time.perf_counter()
+    agent.prepare_passages(cited)
+    seconds = time.perf_counter() - started
+    entries = passages.states([agent._passage(d) for d in cited])
+    kv_bytes = sum(t.numel() * t.element_size() for e in entries for t in (*e.keys, *e.values))
+    corpus_tokens = sum(len(model.tokenizer(passages.segment(agent._passage(d)), add_special_tokens=False)["input_ids"])
+                        for d in documents)
+    per_token = kv_bytes / max(1, passages.computed_tokens)
+    return agent, {"passages": len(cited), "tokens": passages.computed_tokens, "seconds": seconds,
+                   "kv_mib": kv_bytes / 2**20, "kv_kib_per_token": per_token / 1024, "corpus_documents": len(documents),
+                   "corpus_tokens": corpus_tokens, "corpus_kv_gib": corpus_tokens * per_token / 2**30,
+                   "corpus_seconds": corpus_tokens * seconds / max(1, passages.computed_tokens)}
 
 
 def teacher_reference(model: Any, dataset: Any, queries: list[Any], index: Any) -> list[list[str]]:
@@ -141,6 +181,7 @@ def summarize_path(rows: list[dict[str, Any]], qrels: Any) -> dict[str, Any]:
         "first_token_s": stats("first_token_s"), "total_s": stats("total_s"),
         "forwards": statistics.mean(r["forwards"] for r in rows), "tokens": statistics.mean(r["tokens"] for r in rows),
         "plain_prompt_tokens": statistics.mean(r["plain_prompt_tokens"] for r in rows),
+        "grounded": statistics.mean(r["grounded"] for r in rows),
         "quality": quality([r["ranked"] for r in rows], [r["id"] for r in rows], qrels),
     }
 
@@ -159,8 +200,8 @@ def markdown(result: dict[str, Any]) -> str:
         "and what follows.",
         "",
         "| history | path | first answer token, median (s) | p90 (s) | vs (a) | turn (s) | forward calls "
-        "| tokens computed | peak RSS (MiB) | nDCG@10 | R@10 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tokens computed | peak RSS (MiB) | nDCG@10 | R@10 | answer names a fed passage's entity |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for history, p in runs.items():
         a_ttft = p["a"]["first_token_s"]["median"]
@@ -170,9 +211,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {history} | {label} | {fmt(s['first_token_s']['median'], 2)} | {fmt(s['first_token_s']['p90'], 2)} "
                 f"| {a_ttft / s['first_token_s']['median']:.1f}x | {fmt(s['total_s']['median'], 2)} | "
                 f"{s['forwards']:.1f} | {s['tokens']:.0f} | {s['peak_rss_mib']:.0f} | {fmt(s['quality']['ndcg@10'])} | "
-                f"{fmt(s['quality']['recall@10'])} |")
+                f"{fmt(s['quality']['recall@10'])} | {100 * s.get('grounded', 0):.0f}% |")
     lines.append(f"| | teacher on the dialogue (quality reference) | | | | | | | | {fmt(ref['ndcg@10'])} | "
-                 f"{fmt(ref['recall@10'])} |")
+                 f"{fmt(ref['recall@10'])} | |")
     lines.append("")
     for history, p in runs.items():
         c = p["c"]
@@ -183,9 +224,48 @@ def markdown(result: dict[str, Any]) -> str:
             f"{result['answer_tokens']} answer tokens); (c) computes {c['tokens']:.0f}: that plus the passages and "
             "nothing else (no query written, no token twice). (a) and (b) add the query the LM writes and the "
             "instruction asking for it.")
+    lines += passage_cache_notes(result)
     if result.get("plot"):
         lines += ["", f"![time to first answer token]({result['plot']})"]
     return "\n".join(lines)
+
+
+def agreement(ours: list[str], exact: list[str]) -> tuple[int, float]:
+    """How many answers are identical, and the mean share of the exact answer's leading words that match."""
+    same, shares = 0, []
+    for a, b in zip(ours, exact, strict=True):
+        same += a == b
+        wa, wb = a.split(), b.split()
+        lead = next((i for i, (x, y) in enumerate(zip(wa, wb, strict=False)) if x != y), min(len(wa), len(wb)))
+        shares.append(lead / max(1, len(wb)))
+    return same, statistics.mean(shares) if shares else 0.0
+
+
+def passage_cache_notes(result: dict[str, Any]) -> list[str]:
+    """Path (d)'s lines: what it computes, how its answers compare with (c)'s, what its passages cost."""
+    lines = []
+    for history, p in result["history"].items():
+        if "d" not in p:
+            continue
+        d, c = p["d"], p["c"]
+        plain = d["plain_prompt_tokens"] + result["answer_tokens"] - 1
+        same, share = agreement(d["answers"], c["answers"])
+        lines.append(
+            f"- {history}: (d) computes {d['tokens']:.0f} tokens, plain answering ~{plain:.0f}: the passages cost the "
+            f"turn nothing. Its answers equal (c)'s in {same} of {len(d['answers'])} dialogues; on average "
+            f"{100 * share:.0f}% of (c)'s answer words match from the start (each passage was read without the "
+            "dialogue before it).")
+        prep = d.get("prepared")
+        if prep and history == next(iter(result["history"])):
+            lines.append(
+                f"- (d)'s index-time work, before the run: {prep['passages']} cited passages ({prep['tokens']} tokens) "
+                f"in {prep['seconds']:.1f} s ({1000 * prep['seconds'] / max(1, prep['passages']):.0f} ms a passage), "
+                f"{prep['kv_mib']:.0f} MiB of keys and values ({prep['kv_kib_per_token']:.0f} KiB a token in "
+                f"{result.get('dtype', 'float32')}). The whole corpus ({prep['corpus_documents']} documents, "
+                f"{prep['corpus_tokens']} tokens) would be ~{prep['corpus_kv_gib']:.1f} GiB and "
+                f"~{prep['corpus_seconds'] / 60:.0f} min here: cache the passages an agent cites (an LRU in memory, "
+                "`PassageCache(max_passages=...)`), not every document.")
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
@@ -259,6 +339,8 @@ def main() -> None:
                 data = json.loads(out.read_text())
                 runs.setdefault(history, {})[key] = {**summarize_path(data["rows"], dataset.qrels),
                                                      "peak_rss_mib": data["peak_rss_mib"],
+                                                     "prepared": data.get("prepared"),
+                                                     "answers": [r["answer"] for r in data["rows"]],
                                                      "examples": data["rows"][:3]}
     reference = quality(teacher_reference(model, dataset, queries, index), [q.id for q in queries], dataset.qrels)
     result = {"benchmark": "agent_rag_turn", "machine": machine_info(), "head": repo_relative(args.head),

@@ -2,10 +2,12 @@
 
 `NativeRetriever` (retriever.py) drives generation and search; `prompts` asks the LM for its query;
 `capture` keeps the head's layer while the LM runs; `span` finds the query among the generated tokens;
-`results` holds what a turn returns; `turn` is the whole turn, search first (`SearchFirstAgent`).
+`results` holds what a turn returns; `turn` is the whole turn, search first (`SearchFirstAgent`);
+`passage_cache` keeps passages' keys and values for its answer prompts (`PassageCache`).
 """
 
 from retrieval_head.agent.capture import CapturePoint, LayerCapture, find_capture_point
+from retrieval_head.agent.passage_cache import PASSAGE_FORMAT, PassageCache
 from retrieval_head.agent.prompts import DEFAULT_CLOSE, DEFAULT_INSTRUCTION, DEFAULT_OPEN, QueryPrompt
 from retrieval_head.agent.results import AgentResult, ConversationEmbedding, Hit, TurnCache
 from retrieval_head.agent.retriever import NativeRetriever
@@ -16,6 +18,7 @@ __all__ = [
     "DEFAULT_CLOSE",
     "DEFAULT_INSTRUCTION",
     "DEFAULT_OPEN",
+    "PASSAGE_FORMAT",
     "AgentResult",
     "CapturePoint",
     "ConversationEmbedding",
@@ -23,6 +26,7 @@ __all__ = [
     "Hit",
     "LayerCapture",
     "NativeRetriever",
+    "PassageCache",
     "QueryPrompt",
     "QuerySpan",
     "RagTurn",

@@ -6,7 +6,9 @@
 2. the head embeds the message from those states (what `model.encode(messages)` computes, when the
    conversation fits the head's `max_length`), the index is searched;
 3. the passages are appended to the last user message and the answer is generated continuing the prefill's
-   KV cache: no token of the dialogue runs twice, and the LM writes no search query.
+   KV cache: no token of the dialogue runs twice, and the LM writes no search query. With a `PassageCache`
+   the passages' keys and values come from it (computed once per passage, see its module), so the turn computes
+   what plain answering without retrieval would.
 Across turns, `turn(result.history + [next user message], cache=result.cache)` reuses every token already
 computed (the cache's text is checked to be a prefix of the new prompt; otherwise it is recomputed).
 `turns(conversations)` prefills a batch at once (left-padded), then answers each row from its own cache.
@@ -24,14 +26,15 @@ from typing import Any
 import torch
 
 from retrieval_head.agent.capture import LayerCapture
+from retrieval_head.agent.passage_cache import PASSAGE_FORMAT, PassageCache
 from retrieval_head.agent.results import Hit, TurnCache
 from retrieval_head.agent.retriever import NativeRetriever, head_in_eval
 from retrieval_head.agent.span import token_span
 from retrieval_head.core.kv_cache import output_cache
 from retrieval_head.core.templates import Message, RenderedInput, context_length, is_conversation
 
-DEFAULT_RESULTS = "\n\nSearch results:\n{passages}\n\nAnswer my question using them, briefly."
-"""What follows the user's question in the answer prompt ({passages}: numbered passages)."""
+DEFAULT_RESULTS = "{passages}"
+"""What follows the user's question in the answer prompt ({passages}: the passages, each in `passage_format`)."""
 
 
 @dataclass
@@ -49,8 +52,10 @@ class RagTurn:
     timings: dict[str, float] = field(default_factory=dict)
     """prefill_s, embed_s, search_s, first_token_s (from the turn's start), answer_s, total_s."""
     tokens: dict[str, int] = field(default_factory=dict)
-    """dialogue (computed), reused (from the cache), passages (+ answer prompt), answer; computed = their sum
-    less reused; forward_passes: calls of the base model during the turn."""
+    """dialogue (computed), reused (from the cache), passages (+ answer prompt, computed), passages_reused (from a
+    passage cache), passages_first_seen (of those, the tokens the cache computed in this turn, one batch forward:
+    passages no earlier turn cited), answer; computed = dialogue + passages + answer - 1 when no passage was first
+    seen; forward_passes: calls of the base model during the turn."""
     cut_tokens: int = 0
     """Dialogue tokens dropped from the left to fit the LM's context (0: the whole conversation was read)."""
 
@@ -68,10 +73,14 @@ class SearchFirstAgent:
         k: passages per turn. Larger than the index: all of it.
         passage_chars: each passage is cut to this many characters.
         results_template: appended to the last user message; `{passages}` is filled in.
+        passage_format: how each passage is written ('{passage}': its text); the passage cache's, when given.
+        passage_cache: reuse each passage's keys and values across turns (`PassageCache(model)`); then
+            `results_template` must start with '{passages}' (the passages directly follow the question).
     """
 
     def __init__(self, retriever: NativeRetriever, documents: Mapping[str, str], k: int = 3,
-                 passage_chars: int = 600, results_template: str = DEFAULT_RESULTS) -> None:
+                 passage_chars: int = 600, results_template: str = DEFAULT_RESULTS,
+                 passage_format: str = PASSAGE_FORMAT, passage_cache: PassageCache | None = None) -> None:
         if retriever.index is None:
             raise ValueError("SearchFirstAgent needs a NativeRetriever with an index (NativeRetriever(model, index))")
         if retriever.model.config.query_template != "chat":
@@ -79,6 +88,17 @@ class SearchFirstAgent:
                              "must use query_template='chat'")
         if "{passages}" not in results_template:
             raise ValueError("results_template must contain '{passages}'")
+        if "{passage}" not in passage_format:
+            raise ValueError("passage_format must contain '{passage}'")
+        if passage_cache is not None:
+            if passage_cache.model is not retriever.model:
+                raise ValueError("the passage_cache was built for another model; build it with PassageCache(model) "
+                                 "for this retriever's model")
+            if not results_template.startswith("{passages}"):
+                raise ValueError("with a passage_cache the passages must directly follow the question: "
+                                 "results_template must start with '{passages}'")
+            passage_format = passage_cache.passage_format
+        self.passage_format, self.passage_cache = passage_format, passage_cache
         self.retriever, self.documents = retriever, documents
         self.model, self.tokenizer = retriever.model, retriever.tokenizer
         self.k = check_k(k)
@@ -106,6 +126,19 @@ class SearchFirstAgent:
         result.tokens.update(dialogue=len(prompt.ids) - reused, reused=reused, forward_passes=calls.count,
                              computed=calls.tokens)
         return result
+
+    def prepare_passages(self, doc_ids: Sequence[str] | None = None, batch_size: int = 8,
+                         show_progress_bar: bool = False) -> None:
+        """Compute the passage cache for these documents (default: all), as the answers will cite them (cut to
+        `passage_chars`): at index time, so that no turn computes a passage."""
+        if self.passage_cache is None:
+            raise ValueError("prepare_passages needs a passage_cache (SearchFirstAgent(..., passage_cache="
+                             "PassageCache(model)))")
+        ids = list(self.documents) if doc_ids is None else list(doc_ids)
+        self.passage_cache.build([self._passage(d) for d in ids], batch_size, show_progress_bar)
+
+    def _passage(self, doc_id: str) -> str:
+        return self.documents[doc_id][: self.passage_chars]
 
     # --- a batch of conversations ----------------------------------------------------------------------
     def turns(self, conversations: Sequence[Sequence[Message]], k: int | None = None, max_new_tokens: int = 96,
@@ -207,17 +240,24 @@ class SearchFirstAgent:
 
     def _answer(self, messages: Sequence[Message], prompt: _Prompt, hits: list[Hit], past: Any, max_new_tokens: int,
                 started: float, generate_kwargs: dict[str, Any]) -> RagTurn:
-        passages = [self.documents[h.doc_id][: self.passage_chars] for h in hits]
-        numbered = "\n".join(f"[{i + 1}] {p}" for i, p in enumerate(passages)) or "(no results)"
+        passages = [self._passage(h.doc_id) for h in hits]
+        written = "".join(self.passage_format.format(passage=p) for p in passages)
         history = [dict(m) for m in messages]
-        history[-1]["content"] += self.results_template.format(passages=numbered)
+        history[-1]["content"] += self.results_template.format(passages=written)
         full = self.tokenizer.apply_chat_template(self.model.renderer.messages(history), tokenize=False,
                                                   add_generation_prompt=True)
-        if not full.startswith(prompt.text):
+        if not full.startswith(prompt.text + (written if self.passage_cache is not None else "")):
             raise ValueError("the chat template renders the conversation differently once the passages follow the "
                              "last message; this template cannot continue the prefill (use NativeRetriever.answer)")
         tail = full[len(prompt.text):]
-        tail_ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
+        reused_ids: list[int] = []
+        computed_before = self.passage_cache.computed_tokens if self.passage_cache is not None else 0
+        if self.passage_cache is not None and passages:  # the passages' keys and values join the prefill's cache
+            reused_ids = self.passage_cache.extend(past, self.passage_cache.states(passages), len(prompt.ids))
+            tail = tail[len(written):]
+        first_seen = self.passage_cache.computed_tokens - computed_before if self.passage_cache is not None else 0
+        computed_ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
+        tail_ids = reused_ids + computed_ids
         ids = prompt.ids + tail_ids
         if len(ids) + max_new_tokens > self.context:
             raise ValueError(f"the prompt with its passages ({len(ids)} tokens) and {max_new_tokens} answer tokens "
@@ -243,14 +283,16 @@ class SearchFirstAgent:
         next_cache = None
         if cache_out is not None and new:
             covered = ids + new[:-1]  # the last token's keys are not computed yet
-            text = prompt.text + tail + self.tokenizer.decode(new[:-1], skip_special_tokens=False,
+            text = full + self.tokenizer.decode(new[:-1], skip_special_tokens=False,
                                                               clean_up_tokenization_spaces=False)
             next_cache = TurnCache(covered, cache_out, text=None if prompt.cut else text)
         return RagTurn(
             answer=self.tokenizer.decode(body, skip_special_tokens=True).strip(), hits=hits, passages=passages,
             embedding=torch.empty(0), history=history, cache=next_cache,
             timings={"first_token_s": (clock.first or time.perf_counter()) - started, "answer_s": answer_s},
-            tokens={"passages": len(tail_ids), "answer": len(new)}, cut_tokens=prompt.cut,
+            tokens={"passages": len(computed_ids), "passages_reused": len(reused_ids),
+                    "passages_first_seen": first_seen, "answer": len(new)},
+            cut_tokens=prompt.cut,
         )
 
 

@@ -39,6 +39,9 @@ def register(subparsers: Any) -> None:
                         help="search-first (default): search with the user's message from the answer's own prefill; "
                              "query: the LM writes a search query first")
     parser.add_argument("--passage-chars", type=int, default=600, help="each passage is cut to this many characters")
+    parser.add_argument("--cache-passages", action="store_true",
+                        help="search-first: keep each passage's keys and values once computed and reuse them in "
+                             "later turns (a rotary-position LM; see retrieval_head.agent.passage_cache)")
     parser.add_argument("--search-with", choices=("query", "user_turn"), default="user_turn",
                         help="--mode query: the embedding that searches: the user's last message read from the same "
                              "generation's "
@@ -138,10 +141,12 @@ def _report(args: argparse.Namespace, message: str, hits: list[dict[str, Any]], 
 
 
 def _search_first(args: argparse.Namespace, agent: Any, corpus: Any, history: list[dict[str, str]]) -> Any:
+    from retrieval_head.agent import PassageCache
     from retrieval_head.agent.turn import SearchFirstAgent
 
     documents = {doc_id: _passage(corpus, doc_id) for doc_id in agent.index.doc_ids}
-    first = SearchFirstAgent(agent, documents, k=args.k, passage_chars=args.passage_chars)
+    passages = PassageCache(agent.model) if args.cache_passages else None
+    first = SearchFirstAgent(agent, documents, k=args.k, passage_chars=args.passage_chars, passage_cache=passages)
     cache = None
     for message in _messages(args):
         turn = first.turn([*history, {"role": "user", "content": message}], max_new_tokens=args.max_answer_tokens,

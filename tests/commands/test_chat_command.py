@@ -16,7 +16,8 @@ from retrieval_head.retrieval.index import DocumentIndex
 FINGERPRINT = TeacherFingerprint("tiny-teacher", None, 16, "cosine", True, "a" * 64)
 
 
-def test_search_first_chat_shows_hits_and_time_split_and_reuses_the_cache(tmp_path: Path, capsys) -> None:
+def make_chat_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A tiny head (its base saved by path), a 6-document index and its corpus."""
     base_dir = save_tiny(tmp_path / "base")
     config = RetrievalHeadConfig(layer=2, output_dim=16, inner_dim=32, teacher=FINGERPRINT.to_dict(),
                                  base_model_name_or_path=str(base_dir))
@@ -27,7 +28,12 @@ def test_search_first_chat_shows_hits_and_time_split_and_reuses_the_cache(tmp_pa
     data.mkdir()
     (data / "corpus.jsonl").write_text("".join(f'{{"id": "d{i}", "title": "Doc {i}", "text": "text {i}"}}\n'
                                                for i in range(6)))
-    code = main(["chat", "--head", str(tmp_path / "head"), "--index", str(tmp_path / "index"), "--data", str(data),
+    return tmp_path / "head", tmp_path / "index", data
+
+
+def test_search_first_chat_shows_hits_and_time_split_and_reuses_the_cache(tmp_path: Path, capsys) -> None:
+    head, index, data = make_chat_files(tmp_path)
+    code = main(["chat", "--head", str(head), "--index", str(index), "--data", str(data),
                  "--message", "where can I park", "--message", "is it free", "--max-answer-tokens", "3", "-k", "1",
                  "--passage-chars", "12", "--json"])
     assert code == 0
@@ -38,3 +44,15 @@ def test_search_first_chat_shows_hits_and_time_split_and_reuses_the_cache(tmp_pa
         assert set(turn["timings_ms"]) == {"prefill_s", "embed_s", "search_s", "first_token_s", "answer_s", "total_s"}
     assert first["tokens"]["reused"] == 0
     assert second["tokens"]["forward_passes"] >= 2  # the prefill of the new message, then the answer
+
+
+def test_chat_with_cached_passages_computes_each_passage_once(tmp_path: Path, capsys) -> None:
+    head, index, data = make_chat_files(tmp_path)
+    code = main(["chat", "--head", str(head), "--index", str(index), "--data", str(data), "--cache-passages",
+                 "--message", "where can I park", "--message", "is it free", "--max-answer-tokens", "3", "-k", "3",
+                 "--passage-chars", "12", "--json"])
+    assert code == 0
+    first, second = (json.loads(line)["tokens"] for line in capsys.readouterr().out.strip().splitlines()[-2:])
+    assert first["passages_first_seen"] == first["passages_reused"] > 0  # nothing was cached before
+    for turn in (first, second):  # the prefill, one batch of first-seen passages if any, then the answer
+        assert turn["forward_passes"] == 1 + (turn["passages_first_seen"] > 0) + turn["answer"]

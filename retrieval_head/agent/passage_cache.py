@@ -1,0 +1,192 @@
+"""Passages' keys and values computed once and reused by every answer prompt that cites them.
+
+Documents are static, so what the LM computes over a passage can be computed at index time (or the first time the
+passage is retrieved) instead of in the turn. Each passage is computed after a fixed prefix (the head's chat
+rendering up to a user message's text) and moved to where an answer prompt puts it by rotating its keys: rotary
+position embeddings compose (R(p + d) = R(d) R(p)), so a shifted key equals the key computed at the new position.
+What does not carry over is attention from the passage to the dialogue before it: the answer reads each passage
+as computed without the dialogue (as block-attention and TurboRAG do). `benchmarks/agent_rag_turn.py` measures
+how often that changes the answer. Models without rotary positions (gpt2's learned positions) are refused: a
+probe at construction checks that shifting reproduces the keys of a real forward at the new position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from retrieval_head.core.kv_cache import output_cache
+
+if TYPE_CHECKING:
+    from retrieval_head.core.model import RetrievalModel
+
+PASSAGE_FORMAT = "\n\nSearch result: {passage}"
+"""How one passage is written into the answer prompt ({passage}: its text); each is computed (and cached) alone."""
+
+
+@dataclass(frozen=True)
+class PassageStates:
+    """One passage's token ids and, per layer, its keys and values ([1, kv heads, tokens, head dim]) as computed at
+    positions `start`, `start + 1`, ..."""
+
+    ids: list[int]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    start: int
+
+
+class PassageCache:
+    """Keys and values of passages for a `SearchFirstAgent`'s answer prompts, computed once per passage text.
+
+    Args:
+        model: the agent's `RetrievalModel` (its base computes the passages; its renderer gives the prefix).
+        passage_format: how a passage is written in the prompt; must contain '{passage}'.
+        max_passages: how many passages are kept in memory (least recently used dropped first); None: all.
+    """
+
+    def __init__(self, model: RetrievalModel, passage_format: str = PASSAGE_FORMAT,
+                 max_passages: int | None = 4096) -> None:
+        if "{passage}" not in passage_format:
+            raise ValueError("passage_format must contain '{passage}'")
+        if max_passages is not None and max_passages <= 0:
+            raise ValueError(f"max_passages must be positive or None, got {max_passages}")
+        self.model, self.tokenizer = model, model.tokenizer
+        self.passage_format, self.max_passages = passage_format, max_passages
+        text, start, _ = model.renderer.render_text([{"role": "user", "content": "x"}])
+        self.prefix_ids: list[int] = self.tokenizer(text[:start], add_special_tokens=False)["input_ids"]
+        self.inv_freq = rotary_frequencies(model.base_model)
+        self._store: OrderedDict[str, PassageStates] = OrderedDict()
+        self.computed_passages = self.computed_tokens = self.reused_passages = 0
+        check_shift(self)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def segment(self, passage: str) -> str:
+        """The passage as the prompt writes it."""
+        return self.passage_format.format(passage=passage)
+
+    def states(self, passages: Sequence[str], batch_size: int = 8) -> list[PassageStates]:
+        """Each passage's states, computing (in batches) only those not cached yet."""
+        keys = [self._key(p) for p in passages]
+        missing = list(dict.fromkeys(p for p, key in zip(passages, keys, strict=True) if key not in self._store))
+        for i in range(0, len(missing), batch_size):
+            self._compute(missing[i : i + batch_size])
+        self.reused_passages += len(passages) - len(missing)
+        found = []
+        for key in keys:
+            self._store.move_to_end(key)
+            found.append(self._store[key])
+        self._evict()
+        return found
+
+    def build(self, passages: Sequence[str], batch_size: int = 8, show_progress_bar: bool = False) -> None:
+        """Compute the passages ahead of the turns that cite them (at index time)."""
+        from tqdm.auto import tqdm
+
+        todo = list(dict.fromkeys(p for p in passages if self._key(p) not in self._store))
+        for i in tqdm(range(0, len(todo), batch_size), desc="Passages", disable=not show_progress_bar):
+            self._compute(todo[i : i + batch_size])
+            self._evict()
+
+    def extend(self, cache: Any, states: Sequence[PassageStates], position: int) -> list[int]:
+        """Append the passages' keys and values to `cache` (which covers positions < `position`), each rotated to
+        where it follows; returns their token ids in order."""
+        ids: list[int] = []
+        for passage in states:
+            rotation = self._rotation(position + len(ids) - passage.start, passage.keys[0])
+            for layer, (k, v) in enumerate(zip(passage.keys, passage.values, strict=True)):
+                cache.update(rotate(k, *rotation), v, layer)
+            ids += passage.ids
+        return ids
+
+    # --- internals ---------------------------------------------------------------------------------------------
+    def _key(self, passage: str) -> str:
+        return hashlib.sha1(self.segment(passage).encode("utf-8")).hexdigest()
+
+    def _compute(self, passages: list[str]) -> None:
+        """One right-padded forward of prefix + passage per row; each keeps its own tokens' keys and values."""
+        prefix, base = self.prefix_ids, self.model.base_model
+        rows = [self.tokenizer(self.segment(p), add_special_tokens=False)["input_ids"] for p in passages]
+        width = len(prefix) + max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(rows):
+            input_ids[row, : len(prefix) + len(ids)] = torch.tensor(prefix + ids)
+            mask[row, : len(prefix) + len(ids)] = 1
+        device = self.model.device
+        with torch.inference_mode():
+            out = base(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=True,
+                       logits_to_keep=1)
+        layers = output_cache(out).layers
+        a = len(prefix)
+        for row, (passage, ids) in enumerate(zip(passages, rows, strict=True)):
+            b = a + len(ids)
+            self._store[self._key(passage)] = PassageStates(
+                ids, [layer.keys[row : row + 1, :, a:b].clone() for layer in layers],
+                [layer.values[row : row + 1, :, a:b].clone() for layer in layers], a)
+            self.computed_passages += 1
+            self.computed_tokens += len(ids)
+
+    def _evict(self) -> None:
+        while self.max_passages is not None and len(self._store) > self.max_passages:
+            self._store.popitem(last=False)
+
+    def _rotation(self, shift: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angle = shift * self.inv_freq.to(device=like.device, dtype=torch.float64)
+        angle = torch.cat([angle, angle])
+        return angle.cos().float(), angle.sin().float()
+
+
+def rotary_frequencies(base: nn.Module) -> torch.Tensor:
+    """The inverse frequencies of the base's one rotary position embedding, or a ValueError naming why none fits."""
+    found = [m for m in base.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    if len(found) != 1:
+        kind = "no rotary position embedding" if not found else f"{len(found)} rotary position embeddings"
+        raise ValueError(f"a PassageCache moves passages by rotating their keys, and this base has {kind}; use the "
+                         "SearchFirstAgent without a passage_cache (it computes the passages in the turn)")
+    rope_type = getattr(found[0], "rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        raise ValueError(f"{rope_type!r} rotary scaling changes with the sequence length, so a passage's keys cannot "
+                         "be moved; use the SearchFirstAgent without a passage_cache")
+    return found[0].inv_freq.detach().float().cpu()
+
+
+def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Keys moved by the rotation (cos, sin) over the last dimension (rotate-half layout, as llama writes it)."""
+    half = keys.shape[-1] // 2
+    x = keys.float()
+    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + turned * sin).to(keys.dtype)
+
+
+def check_shift(passages: PassageCache, shift: int = 7) -> None:
+    """Refuse a base whose keys do not move by rotation: a probe's keys computed at positions p, shifted, must
+    equal, in every layer, the same probe's keys computed at p + shift."""
+    base = passages.model.base_model
+    ids = passages.tokenizer("probe of positions", add_special_tokens=False)["input_ids"][:4] or [0]
+    ids_t = torch.tensor([ids], device=passages.model.device)
+    runs = []
+    with torch.inference_mode():
+        for offset in (0, shift):
+            positions = torch.arange(offset, offset + len(ids), device=ids_t.device)[None]
+            runs.append(output_cache(base(input_ids=ids_t, position_ids=positions, use_cache=True,
+                                          logits_to_keep=1)).layers)
+    cos, sin = passages._rotation(shift, runs[0][0].keys)
+    tolerance = 1e-4 if runs[0][0].keys.dtype == torch.float32 else 3e-2
+    for here, there in zip(*runs, strict=True):
+        if here.keys.shape[-1] != cos.shape[-1] or not torch.allclose(
+                rotate(here.keys, cos, sin).float(), there.keys.float(), atol=tolerance, rtol=tolerance):
+            raise ValueError(f"{type(base).__name__}'s keys do not move with a rotation of their positions (no rotary "
+                             "position embedding over the whole head in the rotate-half layout); use the "
+                             "SearchFirstAgent without a passage_cache")
+
+
+__all__ = ["PASSAGE_FORMAT", "PassageCache", "PassageStates"]

@@ -1,0 +1,128 @@
+"""Passages' keys and values computed once, moved by rotation, reused by search-first turns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from agent_helpers import CONV, NO_SPECIALS, SHORT, make_index, make_model
+from transformers import DynamicCache
+
+from retrieval_head.agent import NativeRetriever, PassageCache, SearchFirstAgent
+from retrieval_head.agent.turn import count_forwards
+from retrieval_head.core.kv_cache import output_cache
+
+DOCS = {f"d{i}": f"passage number {i} about rooms and parking" for i in range(12)}
+
+
+def cached_agent(arch: str = "llama", k: int = 2, **kwargs) -> SearchFirstAgent:
+    model = make_model(arch)
+    return SearchFirstAgent(NativeRetriever(model, make_index()), DOCS, k=k, passage_chars=40,
+                            passage_cache=PassageCache(model, **kwargs))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("shift", [0, 9, 40])
+def test_a_moved_passage_equals_the_passage_computed_at_its_new_position(arch, shift):
+    model = make_model(arch)
+    passages = PassageCache(model)
+    text = "passage number 3 about parking"
+    [states] = passages.states([text])
+    segment = passages.tokenizer(passages.segment(text), add_special_tokens=False)["input_ids"]
+    assert states.ids == segment and states.start == len(passages.prefix_ids)
+    ids = torch.tensor([passages.prefix_ids + segment])
+    positions = torch.arange(shift, shift + ids.shape[1])[None]  # the same text, `shift` positions later
+    with torch.inference_mode():
+        layers = output_cache(model.base_model(input_ids=ids, position_ids=positions, use_cache=True)).layers
+    cache = DynamicCache()
+    assert passages.extend(cache, [states], position=states.start + shift) == segment
+    for mine, real in zip(cache.layers, layers, strict=True):
+        assert torch.allclose(mine.keys, real.keys[:, :, -len(segment):], atol=1e-5)
+        assert torch.allclose(mine.values, real.values[:, :, -len(segment):], atol=1e-5)
+
+
+def test_a_turn_with_cached_passages_computes_what_plain_answering_would():
+    agent = cached_agent()
+    agent.prepare_passages()  # at index time, each document as the answers cite it (cut to passage_chars)
+    assert len(agent.passage_cache) == len(DOCS) and agent.passage_cache.computed_passages == len(DOCS)
+    with count_forwards(agent.model.base_model) as calls:
+        result = agent.turn(CONV, max_new_tokens=5, **NO_SPECIALS)
+    t = result.tokens
+    plain = agent.tokenizer.apply_chat_template(agent.model.renderer.messages(CONV), tokenize=False,
+                                                add_generation_prompt=True)
+    assert t["computed"] == calls.tokens == len(agent.tokenizer(plain, add_special_tokens=False)["input_ids"]) + 4
+    assert t["passages_reused"] == sum(len(s.ids) for s in agent.passage_cache.states(result.passages)) > 0
+    assert t["forward_passes"] == 1 + t["answer"]  # the prefill, then generate; no passage computed
+    assert agent.passage_cache.computed_passages == len(DOCS)
+    assert result.cache.cache.get_seq_length() == len(result.cache.ids)
+    assert all(p in result.history[-2]["content"] for p in result.passages)
+
+
+def test_a_passage_seen_for_the_first_time_is_computed_in_the_turn_and_reused_after():
+    agent = cached_agent()
+    first = agent.turn(SHORT, max_new_tokens=3, **NO_SPECIALS)
+    assert first.tokens["forward_passes"] == 1 + 1 + first.tokens["answer"]  # + one batch of new passages
+    assert first.tokens["passages_first_seen"] == first.tokens["passages_reused"] > 0
+    assert agent.passage_cache.computed_passages == 2
+    again = agent.turn(SHORT, max_new_tokens=3, **NO_SPECIALS)
+    assert again.tokens["forward_passes"] == 1 + again.tokens["answer"] and again.answer == first.answer
+    assert again.tokens["passages_first_seen"] == 0
+    assert agent.passage_cache.reused_passages == 2
+
+
+def test_the_next_turn_reuses_the_cached_passages_and_the_dialogue():
+    agent = cached_agent(k=1)
+    first = agent.turn(SHORT, max_new_tokens=3, **NO_SPECIALS)
+    conversation = [*first.history, {"role": "user", "content": "and is breakfast included"}]
+    second = agent.turn(conversation, max_new_tokens=3, cache=first.cache, **NO_SPECIALS)
+    assert second.tokens["reused"] == len(first.cache.ids) > 0
+    assert second.cache.cache.get_seq_length() == len(second.cache.ids)
+
+
+def test_a_batch_answers_as_each_conversation_alone():
+    agent = cached_agent()
+    batch = agent.turns([CONV, SHORT], max_new_tokens=4, **NO_SPECIALS)
+    alone = [agent.turn(c, max_new_tokens=4, **NO_SPECIALS) for c in (CONV, SHORT)]
+    for b, a in zip(batch, alone, strict=True):
+        assert b.doc_ids == a.doc_ids and b.answer == a.answer
+
+
+def test_the_least_recently_used_passage_is_dropped_first():
+    passages = PassageCache(make_model(), max_passages=2)
+    passages.states(["one passage", "two passage"])
+    passages.states(["one passage", "three passage"])
+    passages.states(["one passage"])
+    assert len(passages) == 2 and passages.reused_passages == 2 and passages.computed_passages == 3
+
+
+def test_preparing_passages_needs_a_passage_cache():
+    with pytest.raises(ValueError, match="needs a passage_cache"):
+        SearchFirstAgent(NativeRetriever(make_model(), make_index()), DOCS).prepare_passages()
+
+
+def test_bad_settings_are_clear_errors():
+    from tiny import tiny_causal_lm, tiny_tokenizer
+
+    from retrieval_head import RetrievalHeadConfig, get_retrieval_model
+
+    model = make_model()
+    with pytest.raises(ValueError, match="must contain '{passage}'"):
+        PassageCache(model, passage_format="no slot")
+    with pytest.raises(ValueError, match="max_passages"):
+        PassageCache(model, max_passages=0)
+    with pytest.raises(ValueError, match="must start with '{passages}'"):
+        SearchFirstAgent(NativeRetriever(model, make_index()), DOCS, results_template="Found: {passages}",
+                         passage_cache=PassageCache(model))
+    with pytest.raises(ValueError, match="another model"):
+        SearchFirstAgent(NativeRetriever(model, make_index()), DOCS, passage_cache=PassageCache(make_model()))
+    gpt2 = get_retrieval_model(tiny_causal_lm("gpt2"), RetrievalHeadConfig(layer=2, output_dim=16, inner_dim=32),
+                               tokenizer=tiny_tokenizer())
+    with pytest.raises(ValueError, match="no rotary position embedding"):
+        PassageCache(gpt2)
+
+
+def test_a_bfloat16_base_moves_its_passages_too():
+    model = make_model()
+    model.base_model.to(torch.bfloat16)
+    passages = PassageCache(model)
+    [states] = passages.states(["passage about parking"])
+    assert states.keys[0].dtype == torch.bfloat16
