@@ -126,3 +126,23 @@ def test_a_bfloat16_base_moves_its_passages_too():
     passages = PassageCache(model)
     [states] = passages.states(["passage about parking"])
     assert states.keys[0].dtype == torch.bfloat16
+
+
+def test_a_peft_adapted_agent_caches_its_adapted_passages():
+    from peft import LoraConfig, get_peft_model
+    from tiny import tiny_causal_lm, tiny_tokenizer
+
+    from retrieval_head import RetrievalHeadConfig, get_retrieval_model
+
+    lora = LoraConfig(r=2, target_modules=["k_proj", "v_proj"], init_lora_weights=False)
+    def config() -> RetrievalHeadConfig:
+        return RetrievalHeadConfig(layer=2, output_dim=16, inner_dim=32, teacher=make_model().config.teacher)
+
+    adapted = get_retrieval_model(get_peft_model(tiny_causal_lm(), lora), config(), tokenizer=tiny_tokenizer())
+    plain = get_retrieval_model(tiny_causal_lm(), config(), tokenizer=tiny_tokenizer())
+    [mine], [theirs] = (PassageCache(m).states(["passage about parking"]) for m in (adapted, plain))
+    assert not torch.allclose(mine.keys[0], theirs.keys[0])  # the adapter's keys, not the base's
+    agent = SearchFirstAgent(NativeRetriever(adapted, make_index()), DOCS, k=2, passage_chars=40,
+                             passage_cache=PassageCache(adapted))
+    result = agent.turn(CONV, max_new_tokens=3, **NO_SPECIALS)
+    assert result.tokens["passages_reused"] > 0 and result.cache.cache.get_seq_length() == len(result.cache.ids)
