@@ -32,12 +32,16 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on: CPU model, cores, torch threads, memory, versions, load."""
+    """What the numbers were measured on: CPU model and vector ISA, cores, torch threads, memory, versions, load."""
     import psutil
     import torch
 
+    from retrieval_head.core.base import native_bfloat16
+
     info: dict[str, Any] = {
         "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the widest vector ISA torch uses: AVX2, AVX512
+        "native_bfloat16": native_bfloat16(),
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -60,11 +64,18 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def cpu_name(info: dict[str, Any]) -> str:
+    """'AMD EPYC (AVX2)', 'AMD EPYC (AVX512, native bf16)'; the bare model for results recorded before the ISA was."""
+    if "cpu_capability" not in info:
+        return info["cpu"]
+    return f"{info['cpu']} ({info['cpu_capability']}{', native bf16' if info.get('native_bfloat16') else ''})"
+
+
 def describe_machine(info: dict[str, Any]) -> str:
     """One line, e.g. 'AMD EPYC, 2 cores, 2 torch threads, 15.6 GiB, torch 2.13.0+cpu (load 4.7)'."""
     threads = info["torch_threads"]
     threads = "/".join(map(str, threads)) if isinstance(threads, list) else threads
-    text = (f"{info['cpu']}, {info['usable_cores']} usable cores ({info['logical_cores']} logical), "
+    text = (f"{cpu_name(info)}, {info['usable_cores']} usable cores ({info['logical_cores']} logical), "
             f"{threads} torch thread(s), {info['memory_gib']} GiB RAM, torch {info['torch']}")
     if info.get("gpu"):
         text += f", GPU {info['gpu']}"

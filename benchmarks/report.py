@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, ROOT
+from common import RESULTS, ROOT, cpu_name
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ORDER = ("quality", "latency", "memory", "throughput")
@@ -45,7 +45,7 @@ def ordered(results: Path) -> list[Path]:
 
 def hardware(machine: dict[str, Any]) -> str:
     """The machine without the per-run parts (threads, load): CPU, cores, memory, GPU, torch version."""
-    text = (f"{machine['cpu']}, {machine['usable_cores']} usable cores ({machine['logical_cores']} logical, "
+    text = (f"{cpu_name(machine)}, {machine['usable_cores']} usable cores ({machine['logical_cores']} logical, "
             f"{machine.get('physical_cores')} physical), {machine['memory_gib']} GiB RAM, torch {machine['torch']}")
     return text + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
 
