@@ -13,9 +13,11 @@ probe at construction checks that shifting reproduces the keys of a real forward
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from retrieval_head.core.model import RetrievalModel
 
 PASSAGE_FORMAT = "\n\nSearch result: {passage}"
+PASSAGES_FILE = "passages.safetensors"
 """How one passage is written into the answer prompt ({passage}: its text); each is computed (and cached) alone."""
 
 
@@ -63,7 +66,9 @@ class PassageCache:
         self.inv_freq = rotary_frequencies(model.base_model)
         self._store: OrderedDict[str, PassageStates] = OrderedDict()
         self.computed_passages = self.computed_tokens = self.reused_passages = 0
-        check_shift(self)
+        self.probe = check_shift(self)
+        """The last layer's keys of a fixed probe: what a saved cache is checked against (the same base, adapter
+        and precision compute the same keys)."""
 
     def __len__(self) -> int:
         return len(self._store)
@@ -105,6 +110,62 @@ class PassageCache:
                 cache.update(rotate(k, *rotation), v, layer)
             ids += passage.ids
         return ids
+
+    def save(self, folder: str | Path) -> Path:
+        """Write every cached passage to `folder`/passages.safetensors (atomically: a failed save leaves the folder
+        as it was), with what `load` checks: the passage format, the prefix and the base's probe keys."""
+        from safetensors.torch import save_file
+
+        from retrieval_head.io.folder import write_folder_atomically
+
+        tensors = {"probe": self.probe.contiguous()}
+        entries = []
+        for key, states in self._store.items():
+            tensors[f"{key}.keys"] = torch.stack(states.keys).cpu().contiguous()
+            tensors[f"{key}.values"] = torch.stack(states.values).cpu().contiguous()
+            entries.append([key, states.ids, states.start])
+        meta = {"passage_format": self.passage_format, "prefix_ids": json.dumps(self.prefix_ids),
+                "entries": json.dumps(entries)}
+        return write_folder_atomically(folder, lambda staging: save_file(tensors, staging / PASSAGES_FILE, meta))
+
+    def load(self, folder: str | Path) -> int:
+        """Add the passages saved in `folder` (by `save`); returns how many. Refused when they were computed by
+        another base, adapter or precision, or with another passage format or prefix: they would be wrong here."""
+        from safetensors import SafetensorError, safe_open
+
+        file = Path(folder) / PASSAGES_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"no saved passage cache in {folder} (expected {PASSAGES_FILE}; write one with "
+                                    "PassageCache.save)")
+        unreadable = (SafetensorError, KeyError, OSError, json.JSONDecodeError)
+        try:
+            with safe_open(str(file), framework="pt") as saved:
+                meta = saved.metadata() or {}
+                self._check_saved(file, meta, saved.get_tensor("probe"))
+                entries = json.loads(meta["entries"])
+                device = self.model.device
+                loaded = [(key, ids, start, saved.get_tensor(f"{key}.keys").to(device),
+                           saved.get_tensor(f"{key}.values").to(device)) for key, ids, start in entries]
+        except unreadable as err:
+            raise ValueError(f"{file}: not a readable passage cache ({type(err).__name__}: {err}); rebuild it with "
+                             "SearchFirstAgent.prepare_passages and PassageCache.save") from err
+        for key, ids, start, keys, values in loaded:
+            self._store[key] = PassageStates(ids, list(keys.unbind(0)), list(values.unbind(0)), start)
+        self._evict()
+        return len(entries)
+
+    def _check_saved(self, file: Path, meta: dict[str, str], probe: torch.Tensor) -> None:
+        if meta.get("passage_format") != self.passage_format:
+            raise ValueError(f"{file}: saved with passage_format {meta.get('passage_format')!r}, this cache writes "
+                             f"{self.passage_format!r}; build it with the same format or rebuild the passages")
+        if json.loads(meta.get("prefix_ids", "null")) != self.prefix_ids:
+            raise ValueError(f"{file}: its passages follow another prefix (another chat template or system prompt); "
+                             "rebuild them for this model")
+        if probe.shape != self.probe.shape or probe.dtype != self.probe.dtype or not torch.allclose(
+                probe.float(), self.probe.float(), atol=1e-3, rtol=1e-2):
+            raise ValueError(f"{file}: its passages were computed by another base, adapter or precision "
+                             f"(probe keys {tuple(probe.shape)} {probe.dtype} differ from this model's "
+                             f"{tuple(self.probe.shape)} {self.probe.dtype}); rebuild them for this model")
 
     # --- internals ---------------------------------------------------------------------------------------------
     def _key(self, passage: str) -> str:
@@ -167,9 +228,9 @@ def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return (x * cos + turned * sin).to(keys.dtype)
 
 
-def check_shift(passages: PassageCache, shift: int = 7) -> None:
+def check_shift(passages: PassageCache, shift: int = 7) -> torch.Tensor:
     """Refuse a base whose keys do not move by rotation: a probe's keys computed at positions p, shifted, must
-    equal, in every layer, the same probe's keys computed at p + shift."""
+    equal, in every layer, the same probe's keys computed at p + shift. Returns the probe's last-layer keys."""
     base = passages.model.base_model
     ids = passages.tokenizer("probe of positions", add_special_tokens=False)["input_ids"][:4] or [0]
     ids_t = torch.tensor([ids], device=passages.model.device)
@@ -187,6 +248,7 @@ def check_shift(passages: PassageCache, shift: int = 7) -> None:
             raise ValueError(f"{type(base).__name__}'s keys do not move with a rotation of their positions (no rotary "
                              "position embedding over the whole head in the rotate-half layout); use the "
                              "SearchFirstAgent without a passage_cache")
+    return runs[0][-1].keys.detach().cpu().clone()
 
 
-__all__ = ["PASSAGE_FORMAT", "PassageCache", "PassageStates"]
+__all__ = ["PASSAGES_FILE", "PASSAGE_FORMAT", "PassageCache", "PassageStates"]

@@ -146,3 +146,38 @@ def test_a_peft_adapted_agent_caches_its_adapted_passages():
                              passage_cache=PassageCache(adapted))
     result = agent.turn(CONV, max_new_tokens=3, **NO_SPECIALS)
     assert result.tokens["passages_reused"] > 0 and result.cache.cache.get_seq_length() == len(result.cache.ids)
+
+
+def test_a_saved_cache_loads_back_and_a_turn_then_computes_no_passage(tmp_path):
+    agent = cached_agent()
+    agent.prepare_passages()
+    before = agent.turn(CONV, max_new_tokens=4, **NO_SPECIALS)
+    agent.passage_cache.save(tmp_path / "passages")
+    fresh = PassageCache(agent.model)
+    assert fresh.load(tmp_path / "passages") == len(DOCS) == len(fresh)
+    for mine, theirs in zip(fresh.states(before.passages), agent.passage_cache.states(before.passages), strict=True):
+        assert mine.ids == theirs.ids and mine.start == theirs.start
+        assert all(torch.equal(a, b) for a, b in zip(mine.keys + mine.values, theirs.keys + theirs.values,
+                                                     strict=True))
+    again = SearchFirstAgent(agent.retriever, DOCS, k=2, passage_chars=40, passage_cache=fresh)
+    after = again.turn(CONV, max_new_tokens=4, **NO_SPECIALS)
+    assert after.tokens["passages_first_seen"] == 0 and fresh.computed_passages == 0
+    assert after.answer == before.answer
+
+
+def test_a_saved_cache_is_refused_for_another_base_format_or_a_broken_file(tmp_path):
+    model = make_model()
+    passages = PassageCache(model)
+    passages.states(["passage about parking"])
+    saved = passages.save(tmp_path / "passages")
+    other_base = make_model()
+    torch.nn.init.normal_(other_base.base_model.model.layers[-1].self_attn.k_proj.weight)
+    with pytest.raises(ValueError, match="another base, adapter or precision"):
+        PassageCache(other_base).load(saved)
+    with pytest.raises(ValueError, match="saved with passage_format"):
+        PassageCache(model, passage_format="[{passage}]").load(saved)
+    with pytest.raises(FileNotFoundError, match="no saved passage cache"):
+        PassageCache(model).load(tmp_path / "nowhere")
+    (saved / "passages.safetensors").write_bytes((saved / "passages.safetensors").read_bytes()[:200])
+    with pytest.raises(ValueError, match="not a readable passage cache"):
+        PassageCache(model).load(saved)
