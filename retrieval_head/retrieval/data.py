@@ -272,7 +272,9 @@ def _str_list(path: Path, lineno: int, record: dict[str, Any], key: str) -> tupl
     return tuple(value)
 
 
-def _load_corpus(path: Path) -> dict[str, dict[str, str]]:
+def load_corpus(path: str | Path) -> dict[str, dict[str, str]]:
+    """A corpus.jsonl file alone (id, text, optional title per line): doc id -> {"title", "text"}."""
+    path = Path(path)
     corpus: dict[str, dict[str, str]] = {}
     for lineno, rec in _read_jsonl(path, ("id", "text")):
         doc_id = _str_field(path, lineno, rec, "id")
@@ -335,7 +337,7 @@ def load_dataset_folder(path: str | Path, name: str | None = None) -> RetrievalD
     missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder}: missing {', '.join(missing)} (need {', '.join(REQUIRED_FILES)})")
-    corpus = _load_corpus(folder / "corpus.jsonl")
+    corpus = load_corpus(folder / "corpus.jsonl")
     queries = _load_queries(folder / "queries.jsonl")
     qrels = _load_qrels(folder / "qrels.tsv", corpus, {q.id for q in queries})
     return RetrievalDataset(corpus, queries, qrels, name=folder.name if name is None else name)
