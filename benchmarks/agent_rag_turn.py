@@ -250,9 +250,11 @@ def passage_cache_notes(result: dict[str, Any]) -> list[str]:
         d, c = p["d"], p["c"]
         plain = d["plain_prompt_tokens"] + result["answer_tokens"] - 1
         same, share = agreement(d["answers"], c["answers"])
+        verdict = ("the passages cost the turn nothing" if d["tokens"] <= plain + 0.5 else
+                   f"{d['tokens'] - plain:.0f} more (passages first seen in the turn, or the answer prompt)")
         lines.append(
-            f"- {history}: (d) computes {d['tokens']:.0f} tokens, plain answering ~{plain:.0f}: the passages cost the "
-            f"turn nothing. Its answers equal (c)'s in {same} of {len(d['answers'])} dialogues; on average "
+            f"- {history}: (d) computes {d['tokens']:.0f} tokens, plain answering ~{plain:.0f}: {verdict}. "
+            f"Its answers equal (c)'s in {same} of {len(d['answers'])} dialogues; on average "
             f"{100 * share:.0f}% of (c)'s answer words match from the start (each passage was read without the "
             "dialogue before it).")
         prep = d.get("prepared")

@@ -28,8 +28,8 @@ from retrieval_head.core.kv_cache import output_cache
 if TYPE_CHECKING:
     from retrieval_head.core.model import RetrievalModel
 
-PASSAGE_FORMAT = "\n\nSearch result: {passage}"
 PASSAGES_FILE = "passages.safetensors"
+PASSAGE_FORMAT = "\n\nSearch result: {passage}"
 """How one passage is written into the answer prompt ({passage}: its text); each is computed (and cached) alone."""
 
 
@@ -151,8 +151,9 @@ class PassageCache:
                              "SearchFirstAgent.prepare_passages and PassageCache.save") from err
         for key, ids, start, keys, values in loaded:
             self._store[key] = PassageStates(ids, list(keys.unbind(0)), list(values.unbind(0)), start)
-        self._evict()
-        return len(entries)
+            self._store.move_to_end(key)
+            self._evict()
+        return min(len(loaded), len(self._store))
 
     def _check_saved(self, file: Path, meta: dict[str, str], probe: torch.Tensor) -> None:
         if meta.get("passage_format") != self.passage_format:

@@ -53,9 +53,9 @@ class RagTurn:
     """prefill_s, embed_s, search_s, first_token_s (from the turn's start), answer_s, total_s."""
     tokens: dict[str, int] = field(default_factory=dict)
     """dialogue (computed), reused (from the cache), passages (+ answer prompt, computed), passages_reused (from a
-    passage cache), passages_first_seen (of those, the tokens the cache computed in this turn, one batch forward:
-    passages no earlier turn cited), answer; computed = dialogue + passages + answer - 1 when no passage was first
-    seen; forward_passes: calls of the base model during the turn."""
+    passage cache), passages_first_seen (of those, the tokens the cache computed in this turn, in forwards of up to
+    8 passages: passages no earlier turn cited), answer; computed = dialogue + passages + answer - 1 when no
+    passage was first seen; forward_passes: calls of the base model during the turn."""
     cut_tokens: int = 0
     """Dialogue tokens dropped from the left to fit the LM's context (0: the whole conversation was read)."""
 
@@ -97,6 +97,9 @@ class SearchFirstAgent:
             if not results_template.startswith("{passages}"):
                 raise ValueError("with a passage_cache the passages must directly follow the question: "
                                  "results_template must start with '{passages}'")
+            if passage_format not in (PASSAGE_FORMAT, passage_cache.passage_format):
+                raise ValueError(f"passage_format {passage_format!r} differs from the passage_cache's "
+                                 f"{passage_cache.passage_format!r}: give it to PassageCache(model, passage_format=)")
             passage_format = passage_cache.passage_format
         self.passage_format, self.passage_cache = passage_format, passage_cache
         self.retriever, self.documents = retriever, documents
@@ -134,11 +137,17 @@ class SearchFirstAgent:
         if self.passage_cache is None:
             raise ValueError("prepare_passages needs a passage_cache (SearchFirstAgent(..., passage_cache="
                              "PassageCache(model)))")
-        ids = list(self.documents) if doc_ids is None else list(doc_ids)
-        self.passage_cache.build([self._passage(d) for d in ids], batch_size, show_progress_bar)
+        passages = list(dict.fromkeys(self._passage(d) for d in (self.documents if doc_ids is None else doc_ids)))
+        limit = self.passage_cache.max_passages
+        if limit is not None and len(passages) > limit:
+            raise ValueError(f"{len(passages)} passages do not fit the passage cache's max_passages={limit}: most "
+                             "would be dropped again; raise max_passages (None keeps all) or prepare the cited ones")
+        self.passage_cache.build(passages, batch_size, show_progress_bar)
 
     def _passage(self, doc_id: str) -> str:
-        return self.documents[doc_id][: self.passage_chars]
+        """The document as the answers cite it: cut to `passage_chars`, without the whitespace a cut may end on
+        (chat templates that trim messages would otherwise render it differently)."""
+        return self.documents[doc_id][: self.passage_chars].strip()
 
     # --- a batch of conversations ----------------------------------------------------------------------
     def turns(self, conversations: Sequence[Sequence[Message]], k: int | None = None, max_new_tokens: int = 96,

@@ -47,7 +47,11 @@ def _run(args: argparse.Namespace) -> int:
     ids = sorted(corpus)
     random.Random(args.seed).shuffle(ids)
     texts = [f"{corpus[d]['title']} {corpus[d]['text']}".strip() for d in ids[: args.count]]
-    model, tokenizer = load_base(args.base or BASE_ID)
+    try:
+        model, tokenizer = load_base(args.base or BASE_ID)
+    except (OSError, ValueError) as err:
+        print(f"error: cannot load the LM {args.base or BASE_ID!r}: {err}", file=sys.stderr)
+        return 2
     model.eval()
     queries = write_pseudo_queries(model, tokenizer, texts, STYLES[args.style], batch_size=args.batch_size,
                                    show_progress_bar=not args.quiet)

@@ -56,15 +56,24 @@ def usable(text: str, min_words: int = 3, max_words: int = 40) -> str:
 def write_pseudo_queries(model: Any, tokenizer: Any, texts: Sequence[str], prompt: PseudoQueryPrompt | None = None,
                          batch_size: int = 16, max_new_tokens: int = 32, max_chars: int = 300,
                          show_progress_bar: bool = False) -> list[str]:
-    """One pseudo-query per text (each cut to `max_chars`), greedy, in left-padded batches; "" where the LM wrote
-    nothing of a query's length. `prompt` defaults to `STYLES["question"]`."""
+    """One pseudo-query per text (each cut to `max_chars`), greedy; "" where the LM wrote nothing of a query's
+    length. `prompt` defaults to `STYLES["question"]`."""
+    replies = generate_replies(model, tokenizer, texts, prompt or STYLES["question"], batch_size, max_new_tokens,
+                               max_chars, show_progress_bar)
+    return [usable(reply) for reply in replies]
+
+
+def generate_replies(model: Any, tokenizer: Any, texts: Sequence[str], prompt: PseudoQueryPrompt, batch_size: int = 16,
+                     max_new_tokens: int = 32, max_chars: int = 300, show_progress_bar: bool = False) -> list[str]:
+    """What the LM writes after `prompt` for each text, in left-padded batches (the eos token pads a tokenizer
+    without a pad token); the tokenizer's padding settings are restored."""
     from tqdm.auto import tqdm
 
-    prompt = prompt or STYLES["question"]
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos token) first")
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    queries: list[str] = []
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if pad is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    replies: list[str] = []
     try:
         for i in tqdm(range(0, len(texts), batch_size), desc="Pseudo-queries", disable=not show_progress_bar):
             prompts = [tokenizer.apply_chat_template(prompt.messages(t[:max_chars]), tokenize=False,
@@ -73,8 +82,9 @@ def write_pseudo_queries(model: Any, tokenizer: Any, texts: Sequence[str], promp
             with torch.inference_mode():
                 out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
-            new = out[:, batch["input_ids"].shape[1]:]
-            queries += [usable(tokenizer.decode(row, skip_special_tokens=True)) for row in new]
+            replies += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
-    return queries
+        if pad is None:
+            tokenizer.pad_token = None
+    return replies

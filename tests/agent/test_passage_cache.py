@@ -73,8 +73,9 @@ def test_the_next_turn_reuses_the_cached_passages_and_the_dialogue():
     agent = cached_agent(k=1)
     first = agent.turn(SHORT, max_new_tokens=3, **NO_SPECIALS)
     conversation = [*first.history, {"role": "user", "content": "and is breakfast included"}]
+    covered = len(first.cache.ids)  # the turn trims first.cache to what it reuses: count before
     second = agent.turn(conversation, max_new_tokens=3, cache=first.cache, **NO_SPECIALS)
-    assert second.tokens["reused"] == len(first.cache.ids) > 0
+    assert second.tokens["reused"] == covered > 0
     assert second.cache.cache.get_seq_length() == len(second.cache.ids)
 
 
@@ -94,9 +95,11 @@ def test_the_least_recently_used_passage_is_dropped_first():
     assert len(passages) == 2 and passages.reused_passages == 2 and passages.computed_passages == 3
 
 
-def test_preparing_passages_needs_a_passage_cache():
+def test_preparing_passages_needs_a_passage_cache_that_holds_them():
     with pytest.raises(ValueError, match="needs a passage_cache"):
         SearchFirstAgent(NativeRetriever(make_model(), make_index()), DOCS).prepare_passages()
+    with pytest.raises(ValueError, match="do not fit the passage cache's max_passages=4"):
+        cached_agent(max_passages=4).prepare_passages()
 
 
 def test_bad_settings_are_clear_errors():
@@ -111,6 +114,9 @@ def test_bad_settings_are_clear_errors():
         PassageCache(model, max_passages=0)
     with pytest.raises(ValueError, match="must start with '{passages}'"):
         SearchFirstAgent(NativeRetriever(model, make_index()), DOCS, results_template="Found: {passages}",
+                         passage_cache=PassageCache(model))
+    with pytest.raises(ValueError, match="differs from the passage_cache's"):
+        SearchFirstAgent(NativeRetriever(model, make_index()), DOCS, passage_format="<{passage}>",
                          passage_cache=PassageCache(model))
     with pytest.raises(ValueError, match="another model"):
         SearchFirstAgent(NativeRetriever(model, make_index()), DOCS, passage_cache=PassageCache(make_model()))

@@ -9,7 +9,7 @@ import pytest
 from tiny import save_tiny, tiny_causal_lm, tiny_tokenizer
 
 from retrieval_head.cli import main
-from retrieval_head.training.pseudo_queries import STYLES, usable, write_pseudo_queries
+from retrieval_head.training.pseudo_queries import STYLES, generate_replies, usable, write_pseudo_queries
 
 TEXTS = ["the room has free parking and a quiet garden", "breakfast is served from seven until ten",
          "pets are not allowed in the rooms"]
@@ -29,11 +29,12 @@ def test_the_prompt_shows_the_examples_then_the_passage():
 
 def test_a_batch_writes_what_each_text_alone_would():
     model, tokenizer = tiny_causal_lm(), tiny_tokenizer()
-    tokenizer.padding_side = "right"
-    batched = write_pseudo_queries(model, tokenizer, TEXTS, batch_size=3, max_new_tokens=12)
-    alone = [q for t in TEXTS for q in write_pseudo_queries(model, tokenizer, [t], batch_size=1, max_new_tokens=12)]
-    assert batched == alone and len(batched) == len(TEXTS)
-    assert tokenizer.padding_side == "right"  # restored
+    tokenizer.padding_side, tokenizer.pad_token = "right", None
+    batched = generate_replies(model, tokenizer, TEXTS, STYLES["question"], batch_size=3, max_new_tokens=12)
+    alone = [r for t in TEXTS for r in generate_replies(model, tokenizer, [t], STYLES["question"], max_new_tokens=12)]
+    assert batched == alone and len(batched) == len(TEXTS) and all(batched)  # left padding changes no row
+    assert tokenizer.padding_side == "right" and tokenizer.pad_token is None  # restored
+    assert write_pseudo_queries(model, tokenizer, TEXTS, max_new_tokens=12) == [usable(r) for r in batched]
 
 
 def test_the_command_writes_one_query_a_line(tmp_path: Path, capsys):
@@ -48,6 +49,7 @@ def test_the_command_writes_one_query_a_line(tmp_path: Path, capsys):
     assert len(lines) <= len(TEXTS) and all(usable(line) == line for line in lines)
     assert f"wrote {len(lines)} pseudo-queries" in capsys.readouterr().out
     assert main(["pseudo-queries", "--data", str(data), "--out", str(out), "--count", "0"]) == 2
+    assert main(["pseudo-queries", "--data", str(data), "--out", str(out), "--base", str(tmp_path / "no-lm")]) == 2
     assert main(["pseudo-queries", "--data", str(tmp_path / "none"), "--out", str(out)]) == 2
 
 
