@@ -142,9 +142,9 @@ def prepare_passages(plain: Any, model: Any, queries: list[Any], documents: dict
     started = time.perf_counter()
     agent.prepare_passages(cited)
     seconds = time.perf_counter() - started
-    entries = passages.states([agent._passage(d) for d in cited])
+    entries = passages.states([agent.passage(d) for d in cited])
     kv_bytes = sum(t.numel() * t.element_size() for e in entries for t in (*e.keys, *e.values))
-    corpus_tokens = sum(len(model.tokenizer(passages.segment(agent._passage(d)), add_special_tokens=False)["input_ids"])
+    corpus_tokens = sum(len(model.tokenizer(passages.segment(agent.passage(d)), add_special_tokens=False)["input_ids"])
                         for d in documents)
     per_token = kv_bytes / max(1, passages.computed_tokens)
     return agent, {"passages": len(cited), "tokens": passages.computed_tokens, "seconds": seconds,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from retrieval_head.core.kv_cache import output_cache
+from retrieval_head.core.templates import padding_id
 
 if TYPE_CHECKING:
     from retrieval_head.core.model import RetrievalModel
@@ -177,8 +178,7 @@ class PassageCache:
         prefix, base = self.prefix_ids, self.model.base_model
         rows = [self.tokenizer(self.segment(p), add_special_tokens=False)["input_ids"] for p in passages]
         width = len(prefix) + max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        input_ids = torch.full((len(rows), width), padding_id(self.tokenizer), dtype=torch.long)
         mask = torch.zeros_like(input_ids)
         for row, ids in enumerate(rows):
             input_ids[row, : len(prefix) + len(ids)] = torch.tensor(prefix + ids)

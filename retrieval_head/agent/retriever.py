@@ -28,7 +28,7 @@ from retrieval_head.agent.span import EmptyQuerySpanError, find_query_span, toke
 from retrieval_head.core.base import base_of
 from retrieval_head.core.kv_cache import cache_kwarg, output_cache
 from retrieval_head.core.model import RetrievalModel
-from retrieval_head.core.templates import Message, is_conversation
+from retrieval_head.core.templates import Message, is_conversation, padding_id
 from retrieval_head.retrieval.fingerprint import TeacherFingerprint, TeacherMismatchError
 
 SearchWith = Literal["query", "user_turn"]
@@ -189,7 +189,7 @@ class NativeRetriever:
         generate_kwargs: dict[str, Any],
     ) -> list[AgentResult]:
         tok, device = self.tokenizer, self.model.device
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad_id = padding_id(tok)
         width = max(len(p.input_ids) for p in prompts)
         input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)

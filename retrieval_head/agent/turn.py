@@ -31,7 +31,7 @@ from retrieval_head.agent.results import Hit, TurnCache
 from retrieval_head.agent.retriever import NativeRetriever, head_in_eval
 from retrieval_head.agent.span import token_span
 from retrieval_head.core.kv_cache import output_cache
-from retrieval_head.core.templates import Message, RenderedInput, context_length, is_conversation
+from retrieval_head.core.templates import Message, RenderedInput, context_length, is_conversation, padding_id
 
 DEFAULT_RESULTS = "{passages}"
 """What follows the user's question in the answer prompt ({passages}: the passages, each in `passage_format`)."""
@@ -137,14 +137,14 @@ class SearchFirstAgent:
         if self.passage_cache is None:
             raise ValueError("prepare_passages needs a passage_cache (SearchFirstAgent(..., passage_cache="
                              "PassageCache(model)))")
-        passages = list(dict.fromkeys(self._passage(d) for d in (self.documents if doc_ids is None else doc_ids)))
+        passages = list(dict.fromkeys(self.passage(d) for d in (self.documents if doc_ids is None else doc_ids)))
         limit = self.passage_cache.max_passages
         if limit is not None and len(passages) > limit:
             raise ValueError(f"{len(passages)} passages do not fit the passage cache's max_passages={limit}: most "
                              "would be dropped again; raise max_passages (None keeps all) or prepare the cited ones")
         self.passage_cache.build(passages, batch_size, show_progress_bar)
 
-    def _passage(self, doc_id: str) -> str:
+    def passage(self, doc_id: str) -> str:
         """The document as the answers cite it: cut to `passage_chars`, without the whitespace a cut may end on
         (chat templates that trim messages would otherwise render it differently)."""
         return self.documents[doc_id][: self.passage_chars].strip()
@@ -212,7 +212,7 @@ class SearchFirstAgent:
         """One forward over the prompts (left-padded), keeping the head's layer over each span: (embeddings, the
         KV cache, seconds the head took)."""
         width = max(len(p.ids) for p in prompts)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad_id = padding_id(self.tokenizer)
         input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
         for row, p in enumerate(prompts):
@@ -249,7 +249,7 @@ class SearchFirstAgent:
 
     def _answer(self, messages: Sequence[Message], prompt: _Prompt, hits: list[Hit], past: Any, max_new_tokens: int,
                 started: float, generate_kwargs: dict[str, Any]) -> RagTurn:
-        passages = [self._passage(h.doc_id) for h in hits]
+        passages = [self.passage(h.doc_id) for h in hits]
         written = "".join(self.passage_format.format(passage=p) for p in passages)
         history = [dict(m) for m in messages]
         history[-1]["content"] += self.results_template.format(passages=written)

@@ -32,7 +32,7 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from retrieval_head.io.embedded import BASE_ID, load_base
-    from retrieval_head.retrieval.data import load_corpus
+    from retrieval_head.retrieval.data import document_text, load_corpus
     from retrieval_head.training.pseudo_queries import STYLES, write_pseudo_queries
 
     if args.count <= 0:
@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     ids = sorted(corpus)
     random.Random(args.seed).shuffle(ids)
-    texts = [f"{corpus[d]['title']} {corpus[d]['text']}".strip() for d in ids[: args.count]]
+    texts = [document_text(corpus[d]) for d in ids[: args.count]]
     try:
         model, tokenizer = load_base(args.base or BASE_ID)
     except (OSError, ValueError) as err:

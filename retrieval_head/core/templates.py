@@ -58,6 +58,12 @@ def check_inputs(items: Sequence[Any]) -> None:
             )
 
 
+def padding_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its end-of-sequence token (causal LMs often have
+    no pad token; padded positions are masked either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def context_length(model: Any) -> int | None:
     """The most positions a (transformers) causal LM reads, from its config, or None when it does not say."""
     config = getattr(model, "config", None)

@@ -130,8 +130,7 @@ class RetrievalDataset:
 
     def document_text(self, doc_id: str) -> str:
         """Title + " " + text, stripped (the form the reference numbers were measured with)."""
-        doc = self.corpus[doc_id]
-        return (doc.get("title", "") + " " + doc.get("text", "")).strip()
+        return document_text(self.corpus[doc_id])
 
     def document_texts(self, doc_ids: Sequence[str] | None = None) -> list[str]:
         """`document_text` of each id (all documents, in corpus order, by default)."""
@@ -270,6 +269,11 @@ def _str_list(path: Path, lineno: int, record: dict[str, Any], key: str) -> tupl
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise DataFormatError(f"{path}:{lineno}: field {key!r} must be a list of strings")
     return tuple(value)
+
+
+def document_text(doc: dict[str, str]) -> str:
+    """A corpus record as one text: title + " " + text, stripped."""
+    return (doc.get("title", "") + " " + doc.get("text", "")).strip()
 
 
 def load_corpus(path: str | Path) -> dict[str, dict[str, str]]:
