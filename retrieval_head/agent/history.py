@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from retrieval_head.agent.results import TurnCache
-from retrieval_head.core.kv_cache import output_cache
+from retrieval_head.core.kv_cache import cache_only, output_cache
 from retrieval_head.core.model import RetrievalModel
 from retrieval_head.core.templates import Message, is_conversation
 
@@ -29,5 +29,6 @@ def prefill_history(model: RetrievalModel, messages: Sequence[Message]) -> TurnC
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     input_ids = torch.tensor([ids], device=model.device)
     with torch.inference_mode():
-        out = model.base_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True)
+        out = model.base_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
+                               **cache_only(model.base_model))
     return TurnCache(list(ids), output_cache(out), text=text)

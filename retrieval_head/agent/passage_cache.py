@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from retrieval_head.core.kv_cache import output_cache
+from retrieval_head.core.kv_cache import cache_only, output_cache
 from retrieval_head.core.templates import padding_id
 
 if TYPE_CHECKING:
@@ -105,11 +105,16 @@ class PassageCache:
         """Append the passages' keys and values to `cache` (which covers positions < `position`), each rotated to
         where it follows; returns their token ids in order."""
         ids: list[int] = []
-        for passage in states:
+        keys, values = [], []
+        for passage in states:  # every layer of a passage turns by the same angle: one rotation of them all
             rotation = self._rotation(position + len(ids) - passage.start, passage.keys[0])
-            for layer, (k, v) in enumerate(zip(passage.keys, passage.values, strict=True)):
-                cache.update(rotate(k, *rotation), v, layer)
+            keys.append(rotate(torch.stack(passage.keys), *rotation).unbind(0))
+            values.append(passage.values)
             ids += passage.ids
+        if states:
+            for layer in range(len(states[0].keys)):  # one append per layer
+                cache.update(torch.cat([k[layer] for k in keys], dim=-2),
+                             torch.cat([v[layer] for v in values], dim=-2), layer)
         return ids
 
     def save(self, folder: str | Path) -> Path:
@@ -186,7 +191,7 @@ class PassageCache:
         device = self.model.device
         with torch.inference_mode():
             out = base(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=True,
-                       logits_to_keep=1)
+                       **cache_only(base))
         layers = output_cache(out).layers
         a = len(prefix)
         for row, (passage, ids) in enumerate(zip(passages, rows, strict=True)):
@@ -240,7 +245,7 @@ def check_shift(passages: PassageCache, shift: int = 7) -> torch.Tensor:
         for offset in (0, shift):
             positions = torch.arange(offset, offset + len(ids), device=ids_t.device)[None]
             runs.append(output_cache(base(input_ids=ids_t, position_ids=positions, use_cache=True,
-                                          logits_to_keep=1)).layers)
+                                          **cache_only(base))).layers)
     cos, sin = passages._rotation(shift, runs[0][0].keys)
     tolerance = 1e-4 if runs[0][0].keys.dtype == torch.float32 else 3e-2
     for here, there in zip(*runs, strict=True):

@@ -26,7 +26,7 @@ from retrieval_head.agent.prompts import DEFAULT_CLOSE, DEFAULT_INSTRUCTION, DEF
 from retrieval_head.agent.results import AgentResult, ConversationEmbedding, Hit, TurnCache
 from retrieval_head.agent.span import EmptyQuerySpanError, find_query_span, token_span
 from retrieval_head.core.base import base_of
-from retrieval_head.core.kv_cache import cache_kwarg, output_cache
+from retrieval_head.core.kv_cache import cache_kwarg, cache_only, output_cache
 from retrieval_head.core.model import RetrievalModel
 from retrieval_head.core.templates import Message, is_conversation, padding_id
 from retrieval_head.retrieval.fingerprint import TeacherFingerprint, TeacherMismatchError
@@ -321,7 +321,7 @@ class NativeRetriever:
             raise TypeError("messages must be a conversation (a list of {'role': ..., 'content': ...})")
         rendered = self.model.renderer.render(list(messages))
         ids = torch.tensor([rendered.input_ids], device=self.model.device)
-        kwargs: dict[str, Any] = {"use_cache": return_cache or cache is not None}
+        kwargs: dict[str, Any] = {"use_cache": return_cache or cache is not None, **cache_only(self.model.base_model)}
         cached = 0
         if cache is not None:  # the span's states are computed again, so the cache is cut before it at most
             cached = self.reuse_cache(cache, rendered.input_ids, keep_new_from=rendered.span_start)

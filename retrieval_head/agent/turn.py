@@ -10,7 +10,8 @@
    the passages' keys and values come from it (computed once per passage, see its module), so the turn computes
    what plain answering without retrieval would.
 Across turns, `turn(result.history + [next user message], cache=result.cache)` reuses every token already
-computed (the cache's text is checked to be a prefix of the new prompt; otherwise it is recomputed).
+computed (the cache's text is checked to be a prefix of the new prompt; otherwise it is recomputed). A first turn
+starts from the chat template's fixed prefix (system prompt and user marker), computed once when the agent is built.
 `turns(conversations)` prefills a batch at once (left-padded), then answers each row from its own cache.
 """
 
@@ -30,7 +31,7 @@ from retrieval_head.agent.passage_cache import PASSAGE_FORMAT, PassageCache
 from retrieval_head.agent.results import Hit, TurnCache
 from retrieval_head.agent.retriever import NativeRetriever, head_in_eval
 from retrieval_head.agent.span import token_span
-from retrieval_head.core.kv_cache import output_cache
+from retrieval_head.core.kv_cache import cache_only, output_cache
 from retrieval_head.core.templates import Message, RenderedInput, context_length, is_conversation, padding_id
 
 DEFAULT_RESULTS = "{passages}"
@@ -52,10 +53,11 @@ class RagTurn:
     timings: dict[str, float] = field(default_factory=dict)
     """prefill_s, embed_s, search_s, first_token_s (from the turn's start), answer_s, total_s."""
     tokens: dict[str, int] = field(default_factory=dict)
-    """dialogue (computed), reused (from the cache), passages (+ answer prompt, computed), passages_reused (from a
-    passage cache), passages_first_seen (of those, the tokens the cache computed in this turn, in forwards of up to
-    8 passages: passages no earlier turn cited), answer; computed = dialogue + passages + answer - 1 when no
-    passage was first seen; forward_passes: calls of the base model during the turn."""
+    """dialogue (computed), reused (from the cache, or the template's prefix on a first turn), passages (+ answer
+    prompt, computed), passages_reused (from a passage cache), passages_first_seen (of those, the tokens the cache
+    computed in this turn, in forwards of up to 8 passages: passages no earlier turn cited), answer; computed =
+    dialogue + passages + answer - 1 when no passage was first seen; forward_passes: calls of the base model during
+    the turn."""
     cut_tokens: int = 0
     """Dialogue tokens dropped from the left to fit the LM's context (0: the whole conversation was read)."""
 
@@ -76,11 +78,15 @@ class SearchFirstAgent:
         passage_format: how each passage is written ('{passage}': its text); the passage cache's, when given.
         passage_cache: reuse each passage's keys and values across turns (`PassageCache(model)`); then
             `results_template` must start with '{passages}' (the passages directly follow the question).
+        reuse_prefix: compute the chat template's fixed prefix (the system prompt up to the first user message's
+            text) once, here, and start every single turn without a cache from it (exact: the prefix reads nothing
+            after it). Batches (`turns`) compute it per row.
     """
 
     def __init__(self, retriever: NativeRetriever, documents: Mapping[str, str], k: int = 3,
                  passage_chars: int = 600, results_template: str = DEFAULT_RESULTS,
-                 passage_format: str = PASSAGE_FORMAT, passage_cache: PassageCache | None = None) -> None:
+                 passage_format: str = PASSAGE_FORMAT, passage_cache: PassageCache | None = None,
+                 reuse_prefix: bool = True) -> None:
         if retriever.index is None:
             raise ValueError("SearchFirstAgent needs a NativeRetriever with an index (NativeRetriever(model, index))")
         if retriever.model.config.query_template != "chat":
@@ -107,6 +113,8 @@ class SearchFirstAgent:
         self.k = check_k(k)
         self.passage_chars, self.results_template = passage_chars, results_template
         self.context = context_length(self.retriever.model.base_model) or 1 << 30
+        self.prefix = self._template_prefix() if reuse_prefix else None
+        """The KV cache of the chat template's fixed prefix, the start of every first turn (None: not reused)."""
 
     # --- one conversation ------------------------------------------------------------------------------
     def turn(self, messages: Sequence[Message], k: int | None = None, max_new_tokens: int = 96,
@@ -114,6 +122,8 @@ class SearchFirstAgent:
         """Search with the last user message read in context, then answer from the same prefill."""
         started = time.perf_counter()
         prompt = self._prompt(messages, max_new_tokens, cache, k)
+        if cache is None and self.prefix is not None and not prompt.cut:
+            cache = TurnCache(list(self.prefix.ids), row_cache(self.prefix.cache, 0, 0))
         with count_forwards(self.model.base_model) as calls:
             reused = 0
             if cache is not None and not prompt.cut:
@@ -178,6 +188,17 @@ class SearchFirstAgent:
         return results
 
     # --- the steps ----------------------------------------------------------------------------------------
+    def _template_prefix(self) -> TurnCache | None:
+        """The KV cache of what the head's chat rendering writes before any conversation's first user message."""
+        text, start, _ = self.model.renderer.render_text([{"role": "user", "content": "x"}])
+        ids = self.tokenizer(text[:start], add_special_tokens=False)["input_ids"]
+        if not ids:
+            return None
+        input_ids = torch.tensor([ids], device=self.model.device)
+        with torch.inference_mode():
+            out = self.model.base_model(input_ids=input_ids, use_cache=True, **cache_only(self.model.base_model))
+        return TurnCache(ids, output_cache(out), text=text[:start])
+
     def _prompt(self, messages: Sequence[Message], max_new_tokens: int, cache: TurnCache | None,
                 k: int | None) -> _Prompt:
         if not is_conversation(messages):
@@ -222,7 +243,8 @@ class SearchFirstAgent:
         cached = reused[0] if len(prompts) == 1 else 0
         keep = min(s[0] for s in spans)
         device = self.model.device
-        kwargs: dict[str, Any] = {"use_cache": True, "attention_mask": mask.to(device)}
+        kwargs: dict[str, Any] = {"use_cache": True, "attention_mask": mask.to(device),
+                                  **cache_only(self.model.base_model)}
         if len(prompts) > 1:  # left padding: each row's positions count from its first token
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
         if past is not None:

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval_head.core.base import base_of
-from retrieval_head.core.kv_cache import cache_kwarg, output_cache
+from retrieval_head.core.kv_cache import cache_kwarg, cache_only, output_cache
 from retrieval_head.core.layer_states import hidden_states_at, inner_model
 from retrieval_head.core.model import RetrievalModel
 from retrieval_head.core.pooling import pool
@@ -121,7 +121,7 @@ def shared_prefix_cache(model: RetrievalModel, rendered: Sequence[RenderedInput]
         return None
     prefix = torch.tensor([ids[0][:length]], device=model.device)
     with torch.inference_mode():
-        cache = output_cache(model.base_model(input_ids=prefix, use_cache=True))
+        cache = output_cache(model.base_model(input_ids=prefix, use_cache=True, **cache_only(model.base_model)))
     return cache, length
 
 

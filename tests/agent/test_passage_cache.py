@@ -49,7 +49,9 @@ def test_a_turn_with_cached_passages_computes_what_plain_answering_would():
     t = result.tokens
     plain = agent.tokenizer.apply_chat_template(agent.model.renderer.messages(CONV), tokenize=False,
                                                 add_generation_prompt=True)
-    assert t["computed"] == calls.tokens == len(agent.tokenizer(plain, add_special_tokens=False)["input_ids"]) + 4
+    plain_tokens = len(agent.tokenizer(plain, add_special_tokens=False)["input_ids"]) + 4
+    assert t["computed"] == calls.tokens == plain_tokens - t["reused"]  # less the template prefix, computed once
+    assert t["reused"] == len(agent.prefix.ids) > 0
     assert t["passages_reused"] == sum(len(s.ids) for s in agent.passage_cache.states(result.passages)) > 0
     assert t["forward_passes"] == 1 + t["answer"]  # the prefill, then generate; no passage computed
     assert agent.passage_cache.computed_passages == len(DOCS)

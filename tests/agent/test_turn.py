@@ -40,7 +40,8 @@ def test_one_prefill_embeds_like_encode_and_no_dialogue_token_runs_twice(arch):
     assert t["forward_passes"] == 1 + t["answer"]  # the prefill, then generate: the tail + each new token
     assert t["computed"] == t["dialogue"] + t["passages"] + t["answer"] - 1  # the last token is never fed
     rendered = agent.model.renderer.render(CONV)
-    assert t["dialogue"] == len(rendered.input_ids)  # the dialogue, once; no query was written
+    assert t["reused"] == len(agent.prefix.ids) > 0  # the template's prefix, computed when the agent was built
+    assert t["dialogue"] + t["reused"] == len(rendered.input_ids)  # the dialogue, once; no query was written
     assert result.cache.cache.get_seq_length() == len(result.cache.ids)
     assert set(result.timings) >= {"prefill_s", "embed_s", "search_s", "first_token_s", "answer_s", "total_s"}
     assert result.timings["first_token_s"] <= result.timings["total_s"]
@@ -51,6 +52,21 @@ def test_the_answer_equals_answering_the_same_prompt_from_scratch():
     result = agent.turn(CONV, max_new_tokens=6, **NO_SPECIALS)
     scratch = agent.tokenizer.decode(plain_answer(agent, result, 6), skip_special_tokens=True).strip()
     assert scratch == result.answer and result.tokens["answer"] == 6
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_first_turn_from_the_template_prefix_equals_one_computed_whole(arch):
+    agent = make_agent(arch)
+    whole = SearchFirstAgent(agent.retriever, DOCS, k=2, passage_chars=40, reuse_prefix=False)
+    assert whole.prefix is None and agent.prefix.text == agent.model.renderer.render_text(CONV)[0][: len(
+        agent.prefix.text)]
+    ours, theirs = (a.turn(CONV, max_new_tokens=5, **NO_SPECIALS) for a in (agent, whole))
+    assert theirs.tokens["reused"] == 0 and ours.tokens["reused"] == len(agent.prefix.ids) > 0
+    assert ours.tokens["computed"] == theirs.tokens["computed"] - len(agent.prefix.ids)
+    assert torch.allclose(ours.embedding, theirs.embedding, atol=1e-5)
+    assert ours.doc_ids == theirs.doc_ids and ours.answer == theirs.answer
+    again = agent.turn(CONV, max_new_tokens=5, **NO_SPECIALS)  # the prefix is copied, never extended in place
+    assert again.answer == ours.answer and agent.prefix.cache.get_seq_length() == len(agent.prefix.ids)
 
 
 def words_only(tokenizer, text: str = "yes it is the room"):
@@ -72,7 +88,7 @@ def test_the_next_turn_reuses_every_token_already_computed():
     assert second.tokens["dialogue"] == len(agent.tokenizer(rest, add_special_tokens=False)["input_ids"])
     assert calls.count == second.tokens["forward_passes"]
     fresh = agent.turn(conversation, max_new_tokens=4, **words)
-    assert fresh.tokens["reused"] == 0
+    assert fresh.tokens["reused"] == len(agent.prefix.ids)  # only the template's prefix
     assert torch.allclose(second.embedding, fresh.embedding, atol=1e-4)
     assert second.doc_ids == fresh.doc_ids and second.answer == fresh.answer
 
@@ -86,8 +102,9 @@ def test_a_prefilled_history_leaves_only_the_new_user_message_to_compute():
         warm = agent.turn(CONV, max_new_tokens=5, cache=cache, **NO_SPECIALS)
     cold = agent.turn(CONV, max_new_tokens=5, **NO_SPECIALS)
     assert warm.tokens["reused"] == len(cache.ids) > 0
-    assert warm.tokens["dialogue"] == cold.tokens["dialogue"] - len(cache.ids)  # the history never runs again
-    assert calls.tokens == cold.tokens["computed"] - len(cache.ids)
+    prefix = cold.tokens["reused"]  # a first turn starts from the template's prefix
+    assert warm.tokens["dialogue"] == cold.tokens["dialogue"] + prefix - len(cache.ids)  # the history never reruns
+    assert calls.tokens == cold.tokens["computed"] + prefix - len(cache.ids)
     assert torch.allclose(warm.embedding, cold.embedding, atol=1e-4)
     assert warm.doc_ids == cold.doc_ids and warm.answer == cold.answer
     assert question in agent.model.renderer.render_text(CONV)[0][len(cache.text):]
@@ -199,7 +216,8 @@ def test_embedded_smollm2_search_first_turn_answers_from_its_one_prefill(embedde
     assert torch.allclose(result.embedding, torch.as_tensor(model.encode(conversation)), atol=1e-4)
     assert result.answer.strip() and len(result.passages) == 2
     assert result.tokens["forward_passes"] == 1 + result.tokens["answer"]
-    assert result.tokens["dialogue"] == len(model.renderer.render(conversation).input_ids)
+    rendered = model.renderer.render(conversation).input_ids
+    assert result.tokens["dialogue"] + result.tokens["reused"] == len(rendered) and result.tokens["reused"] > 20
 
 
 def test_a_conversation_wide_static_branch_embeds_like_encode_alone_and_in_a_batch():
