@@ -8,6 +8,8 @@
     rotation): the turn computes only what plain answering would. The passages the run cites are prepared before
     it (timed apart: the index-time cost), and its answers are compared with (c)'s (the same prompt computed
     exactly): what reading each passage without the dialogue before it changes.
+(p) plain answering, no retrieval: `generate` on the dialogue alone, the floor every path pays (the reference
+    for "computes no more than plain answering would", in time and tokens).
 (a) and (b) answer from the query turn's KV cache (`NativeRetriever.answer`), so they too never prefill the
 dialogue twice: what differs is the query the LM must write first, and who embeds it.
 
@@ -43,7 +45,8 @@ from common import DATA, ROOT, describe_machine, fmt, machine_info, publish, pyp
 DATASET = "dstc11_track5_val_reviewdoc"
 PATHS = {"a": "(a) two-model: LM query -> teacher", "b": "(b) native: LM query -> head",
          "c": "(c) native search-first: prefill -> head",
-         "d": "(d) as (c), passages' KV from index time"}
+         "d": "(d) as (c), passages' KV from index time",
+         "p": "plain answering, no retrieval (reference)"}
 HISTORY = {"cold": "the whole dialogue computed in the turn", "warm": "earlier turns already in the KV cache"}
 
 
@@ -91,7 +94,11 @@ def worker(args: argparse.Namespace) -> None:
         history_tokens = len(cache.ids) if cache is not None else 0
         started = time.perf_counter()
         with torch.inference_mode(), count_forwards(model.base_model) as calls:
-            if args.worker in ("c", "d"):
+            if args.worker == "p":
+                embedding, first_token_s, answer = None, *plain_answer(model, query_agent, messages, cache, started,
+                                                                       args.answer_tokens)
+                query_text, fed = None, []
+            elif args.worker in ("c", "d"):
                 turn = first.turn(messages, max_new_tokens=args.answer_tokens, cache=cache)
                 embedding, first_token_s, answer = turn.embedding, turn.timings["first_token_s"], turn.answer
                 query_text, fed = None, turn.doc_ids
@@ -109,7 +116,7 @@ def worker(args: argparse.Namespace) -> None:
                                                streamer=clock)
                 first_token_s = (clock.first or time.perf_counter()) - started
         total_s = time.perf_counter() - started
-        _, ranked = index.search(embedding.reshape(1, -1).numpy(), 10)  # untimed: the metrics' top 10
+        ranked = [[]] if embedding is None else index.search(embedding.reshape(1, -1).numpy(), 10)[1]  # untimed
         plain_text = model.tokenizer.apply_chat_template(model.renderer.messages(messages), tokenize=False,
                                                          add_generation_prompt=True)
         plain = len(model.tokenizer(plain_text, add_special_tokens=False)["input_ids"]) - history_tokens
@@ -120,6 +127,29 @@ def worker(args: argparse.Namespace) -> None:
                      "query": query_text, "answer": answer, "grounded": names_a_passage(answer, fed, dataset)})
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.out).write_text(json.dumps({"rows": rows, "peak_rss_mib": peak_mib, "prepared": prepared}))
+
+
+def plain_answer(model: Any, retriever: Any, messages: list[Any], cache: Any, started: float,
+                 answer_tokens: int) -> tuple[float, str]:
+    """Path (p): greedy `generate` on the dialogue's chat prompt (continuing `cache` where it is a prefix), as an
+    LM answers without retrieval; (seconds to the first answer token, the answer)."""
+    import torch
+
+    from retrieval_head.agent.turn import FirstToken
+
+    tokenizer = model.tokenizer
+    text = tokenizer.apply_chat_template(model.renderer.messages(messages), tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    kwargs: dict[str, Any] = {}
+    if cache is not None and retriever.reuse_cache(cache, ids):
+        kwargs[retriever.cache_kwarg] = cache.cache
+    input_ids = torch.tensor([ids])
+    clock = FirstToken(started)
+    out = model.base_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                    max_new_tokens=answer_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    streamer=clock, **kwargs)
+    first = (clock.first or time.perf_counter()) - started
+    return first, tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
 
 
 def names_a_passage(answer: str, fed: list[str], dataset: Any) -> bool:
@@ -182,7 +212,7 @@ def summarize_path(rows: list[dict[str, Any]], qrels: Any) -> dict[str, Any]:
         "forwards": statistics.mean(r["forwards"] for r in rows), "tokens": statistics.mean(r["tokens"] for r in rows),
         "plain_prompt_tokens": statistics.mean(r["plain_prompt_tokens"] for r in rows),
         "grounded": statistics.mean(r["grounded"] for r in rows),
-        "quality": quality([r["ranked"] for r in rows], [r["id"] for r in rows], qrels),
+        "quality": quality([r["ranked"] for r in rows], [r["id"] for r in rows], qrels) if rows[0]["ranked"] else None,
     }
 
 
@@ -206,28 +236,39 @@ def markdown(result: dict[str, Any]) -> str:
     for history, p in runs.items():
         a_ttft = p["a"]["first_token_s"]["median"]
         for key, label in PATHS.items():
-            s = p[key]
+            if key not in p:
+                continue
+            s, q = p[key], p[key]["quality"]
+            found = (f"{fmt(q['ndcg@10'])} | {fmt(q['recall@10'])} | {100 * s.get('grounded', 0):.0f}%" if q else
+                     "— | — | —")
             lines.append(
                 f"| {history} | {label} | {fmt(s['first_token_s']['median'], 2)} | {fmt(s['first_token_s']['p90'], 2)} "
                 f"| {a_ttft / s['first_token_s']['median']:.1f}x | {fmt(s['total_s']['median'], 2)} | "
-                f"{s['forwards']:.1f} | {s['tokens']:.0f} | {s['peak_rss_mib']:.0f} | {fmt(s['quality']['ndcg@10'])} | "
-                f"{fmt(s['quality']['recall@10'])} | {100 * s.get('grounded', 0):.0f}% |")
+                f"{s['forwards']:.1f} | {s['tokens']:.0f} | {s['peak_rss_mib']:.0f} | {found} |")
     lines.append(f"| | teacher on the dialogue (quality reference) | | | | | | | | {fmt(ref['ndcg@10'])} | "
                  f"{fmt(ref['recall@10'])} | |")
     lines.append("")
     for history, p in runs.items():
         c = p["c"]
-        plain = c["plain_prompt_tokens"] + result["answer_tokens"] - 1
         lines.append(
-            f"- {history}: plain answering without retrieval would compute ~{plain:.0f} tokens (the "
+            f"- {history}: plain answering without retrieval computes {plain_tokens(p, result):.0f} tokens (the "
             f"{'dialogue' if history == 'cold' else 'new message'} + the answer prompt + up to "
             f"{result['answer_tokens']} answer tokens); (c) computes {c['tokens']:.0f}: that plus the passages and "
-            "nothing else (no query written, no token twice). (a) and (b) add the query the LM writes and the "
-            "instruction asking for it.")
+            "nothing else (no query written, no token twice"
+            + (", and a first turn starts from the chat template's prefix, computed once when the agent is built)"
+               if history == "cold" else ")")
+            + ". (a) and (b) add the query the LM writes and the instruction asking for it.")
     lines += passage_cache_notes(result)
     if result.get("plot"):
         lines += ["", f"![time to first answer token]({result['plot']})"]
     return "\n".join(lines)
+
+
+def plain_tokens(paths: dict[str, Any], result: dict[str, Any]) -> float:
+    """Tokens plain answering computes: measured by path (p) when it ran, else the prompt + the answer."""
+    if "p" in paths:
+        return paths["p"]["tokens"]
+    return paths["c"]["plain_prompt_tokens"] + result["answer_tokens"] - 1
 
 
 def agreement(ours: list[str], exact: list[str]) -> tuple[int, float]:
@@ -248,7 +289,7 @@ def passage_cache_notes(result: dict[str, Any]) -> list[str]:
         if "d" not in p:
             continue
         d, c = p["d"], p["c"]
-        plain = d["plain_prompt_tokens"] + result["answer_tokens"] - 1
+        plain = plain_tokens(p, result)
         same, share = agreement(d["answers"], c["answers"])
         verdict = ("the passages cost the turn nothing" if d["tokens"] <= plain + 0.5 else
                    f"{d['tokens'] - plain:.0f} more (passages first seen in the turn, or the answer prompt)")
