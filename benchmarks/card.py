@@ -54,7 +54,8 @@ def agent_turn_speed(results: Path, head: Path) -> dict[str, Any]:
     spec = data["head"]["spec"] if isinstance(data["head"], dict) else data["head"]
     if Path(spec).resolve() != head.resolve():
         return {}
-    names = {"a": "two_model", "b": "native_query", "c": "search_first"}
+    names = {"a": "two_model", "b": "native_query", "c": "search_first", "d": "search_first_passage_cache",
+             "p": "plain_answering_no_retrieval"}
     return {f"agent_turn_first_token_s_{names[k]}" + ("" if history == "cold" else f"_{history}"):
             round(p["first_token_s"]["median"], 2)
             for history, paths in data["history"].items() for k, p in paths.items()}
