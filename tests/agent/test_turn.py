@@ -67,6 +67,10 @@ def test_a_first_turn_from_the_template_prefix_equals_one_computed_whole(arch):
     assert ours.doc_ids == theirs.doc_ids and ours.answer == theirs.answer
     again = agent.turn(CONV, max_new_tokens=5, **NO_SPECIALS)  # the prefix is copied, never extended in place
     assert again.answer == ours.answer and agent.prefix.cache.get_seq_length() == len(agent.prefix.ids)
+    own = [{"role": "system", "content": "answer in one word"}, *CONV]  # a system prompt of its own
+    ours, theirs = (a.turn(own, max_new_tokens=5, **NO_SPECIALS) for a in (agent, whole))
+    assert ours.tokens["reused"] < len(agent.prefix.ids)  # only the ids both share are reused
+    assert torch.allclose(ours.embedding, theirs.embedding, atol=1e-5) and ours.answer == theirs.answer
 
 
 def words_only(tokenizer, text: str = "yes it is the room"):
