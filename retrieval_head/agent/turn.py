@@ -80,7 +80,9 @@ class SearchFirstAgent:
             `results_template` must start with '{passages}' (the passages directly follow the question).
         reuse_prefix: compute the chat template's fixed prefix (the system prompt up to the first user message's
             text) once, here, and start every single turn without a cache from it (exact: the prefix reads nothing
-            after it). Batches (`turns`) compute it per row.
+            after it; recomputed when the model moves to another device or dtype, not when its weights change: build
+            a new agent after switching adapters). Batches (`turns`) compute it per row; caches other than plain
+            key/value layers (sliding-window, linear-attention) never reuse it.
     """
 
     def __init__(self, retriever: NativeRetriever, documents: Mapping[str, str], k: int = 3,
@@ -123,7 +125,7 @@ class SearchFirstAgent:
         started = time.perf_counter()
         prompt = self._prompt(messages, max_new_tokens, cache, k)
         if cache is None and self.prefix is not None and not prompt.cut:
-            cache = TurnCache(list(self.prefix.ids), row_cache(self.prefix.cache, 0, 0))
+            cache = self._first_turn_cache()
         with count_forwards(self.model.base_model) as calls:
             reused = 0
             if cache is not None and not prompt.cut:
@@ -189,7 +191,10 @@ class SearchFirstAgent:
 
     # --- the steps ----------------------------------------------------------------------------------------
     def _template_prefix(self) -> TurnCache | None:
-        """The KV cache of what the head's chat rendering writes before any conversation's first user message."""
+        """The KV cache of what the head's chat rendering writes before any conversation's first user message;
+        None when there is none or the cache's layers are not plain keys and values (copied and cropped safely)."""
+        from transformers.cache_utils import DynamicLayer
+
         text, start, _ = self.model.renderer.render_text([{"role": "user", "content": "x"}])
         ids = self.tokenizer(text[:start], add_special_tokens=False)["input_ids"]
         if not ids:
@@ -197,7 +202,20 @@ class SearchFirstAgent:
         input_ids = torch.tensor([ids], device=self.model.device)
         with torch.inference_mode():
             out = self.model.base_model(input_ids=input_ids, use_cache=True, **cache_only(self.model.base_model))
-        return TurnCache(ids, output_cache(out), text=text[:start])
+        past = output_cache(out)
+        if past is None or not all(type(layer) is DynamicLayer for layer in getattr(past, "layers", [None])):
+            return None
+        return TurnCache(ids, past, text=text[:start])
+
+    def _first_turn_cache(self) -> TurnCache | None:
+        """A copy of the template prefix's cache (computed again if the model moved to another device or dtype)."""
+        keys = self.prefix.cache.layers[0].keys
+        weight = next(self.model.base_model.parameters())
+        if (keys.device, keys.dtype) != (weight.device, weight.dtype):
+            self.prefix = self._template_prefix()
+        if self.prefix is None:
+            return None
+        return TurnCache(list(self.prefix.ids), row_cache(self.prefix.cache, 0, 0))
 
     def _prompt(self, messages: Sequence[Message], max_new_tokens: int, cache: TurnCache | None,
                 k: int | None) -> _Prompt:

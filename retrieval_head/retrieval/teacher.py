@@ -58,14 +58,12 @@ def encode_by_length(teacher: Any, encode: Any, texts: list[str], batch_size: in
     sentence-transformers sorts by characters, and a batch is padded to its longest text in tokens: on short
     strings of uneven tokenisation (a vocabulary's token strings) that is 2-7x the work. The vectors are the same
     (mean pooling ignores padding)."""
-    tokenizer = getattr(teacher, "tokenizer", None)
-    if tokenizer is None or not callable(tokenizer):
+    lengths = token_counts(teacher, texts)
+    if lengths is None:
         return encode(texts, batch_size=batch_size, convert_to_tensor=True,
                       show_progress_bar=show_progress_bar).detach().float().cpu()
     from tqdm.auto import tqdm
 
-    window = teacher_max_tokens(teacher)
-    lengths = [min(len(ids), window) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
     order = sorted(range(len(texts)), key=lengths.__getitem__)
     out = torch.empty(0)
     done = 0
@@ -82,6 +80,22 @@ def encode_by_length(teacher: Any, encode: Any, texts: list[str], batch_size: in
             done += len(rows)
             bar.update(len(rows))
     return out
+
+
+def token_counts(teacher: Any, texts: list[str], chunk: int = 8192) -> list[int] | None:
+    """Each text's token count as the teacher reads it (cut to its window), tokenized a chunk at a time (only the
+    counts are kept); None when the teacher has no text tokenizer to ask."""
+    tokenizer = getattr(teacher, "tokenizer", None)
+    window = teacher_max_tokens(teacher)
+    counts: list[int] = []
+    try:
+        for i in range(0, len(texts), chunk):
+            ids = tokenizer(texts[i : i + chunk], add_special_tokens=False, truncation=True, max_length=window,
+                            return_attention_mask=False, verbose=False)["input_ids"]
+            counts += [len(row) for row in ids]
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
+    return counts
 
 
 def teacher_max_tokens(teacher: Any, override: int | None = None) -> int:

@@ -65,12 +65,21 @@ def test_a_first_turn_from_the_template_prefix_equals_one_computed_whole(arch):
     assert ours.tokens["computed"] == theirs.tokens["computed"] - len(agent.prefix.ids)
     assert torch.allclose(ours.embedding, theirs.embedding, atol=1e-5)
     assert ours.doc_ids == theirs.doc_ids and ours.answer == theirs.answer
+    kept = [layer.keys.clone() for layer in agent.prefix.cache.layers]
     again = agent.turn(CONV, max_new_tokens=5, **NO_SPECIALS)  # the prefix is copied, never extended in place
     assert again.answer == ours.answer and agent.prefix.cache.get_seq_length() == len(agent.prefix.ids)
+    assert all(torch.equal(a, layer.keys) for a, layer in zip(kept, agent.prefix.cache.layers, strict=True))
     own = [{"role": "system", "content": "answer in one word"}, *CONV]  # a system prompt of its own
     ours, theirs = (a.turn(own, max_new_tokens=5, **NO_SPECIALS) for a in (agent, whole))
-    assert ours.tokens["reused"] < len(agent.prefix.ids)  # only the ids both share are reused
+    assert 0 < ours.tokens["reused"] < len(agent.prefix.ids)  # only the ids both share are reused
     assert torch.allclose(ours.embedding, theirs.embedding, atol=1e-5) and ours.answer == theirs.answer
+
+
+def test_the_template_prefix_follows_the_model_to_another_dtype():
+    agent = make_agent()
+    agent.model.base_model.to(torch.bfloat16)
+    result = agent.turn(CONV, max_new_tokens=3, **NO_SPECIALS)
+    assert agent.prefix.cache.layers[0].keys.dtype == torch.bfloat16 and result.tokens["reused"] > 0
 
 
 def words_only(tokenizer, text: str = "yes it is the room"):
