@@ -45,8 +45,8 @@ from common import DATA, ROOT, describe_machine, fmt, machine_info, publish, pyp
 DATASET = "dstc11_track5_val_reviewdoc"
 PATHS = {"a": "(a) two-model: LM query -> teacher", "b": "(b) native: LM query -> head",
          "c": "(c) native search-first: prefill -> head",
-         "d": "(d) as (c), passages' KV from index time",
-         "p": "plain answering, no retrieval (reference)"}
+         "d": "(d) search-first + passage cache: as (c), passages' KV from index time",
+         "p": "(p) plain answering: no retrieval (reference)"}
 HISTORY = {"cold": "the whole dialogue computed in the turn", "warm": "earlier turns already in the KV cache"}
 
 
@@ -316,7 +316,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     if plt is None:
         return False
     runs = result["history"]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = plt.subplots(figsize=(8, 3.4))
     labels = [PATHS[k].split(":")[0] for k in PATHS]
     height = 0.8 / len(runs)
     for i, (history, p) in enumerate(runs.items()):
