@@ -12,6 +12,13 @@ from retrieval_head.core.model import RetrievalModel
 from retrieval_head.core.templates import Message, is_conversation
 
 
+def template_prefix(model: RetrievalModel) -> tuple[str, list[int]]:
+    """(text, token ids) the head's chat rendering writes before any conversation's first user message (the
+    system prompt and the user marker): the same at the start of every conversation."""
+    text, start, _ = model.renderer.render_text([{"role": "user", "content": "x"}])
+    return text[:start], model.tokenizer(text[:start], add_special_tokens=False)["input_ids"]
+
+
 def prefill_history(model: RetrievalModel, messages: Sequence[Message]) -> TurnCache:
     """The KV cache of a conversation so far, rendered as the head renders it (no generation prompt).
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from retrieval_head.agent.history import template_prefix
 from retrieval_head.core.kv_cache import cache_only, output_cache
 from retrieval_head.core.templates import padding_id
 
@@ -62,8 +63,7 @@ class PassageCache:
             raise ValueError(f"max_passages must be positive or None, got {max_passages}")
         self.model, self.tokenizer = model, model.tokenizer
         self.passage_format, self.max_passages = passage_format, max_passages
-        text, start, _ = model.renderer.render_text([{"role": "user", "content": "x"}])
-        self.prefix_ids: list[int] = self.tokenizer(text[:start], add_special_tokens=False)["input_ids"]
+        self.prefix_ids: list[int] = template_prefix(model)[1]
         self.inv_freq = rotary_frequencies(model.base_model)
         self._store: OrderedDict[str, PassageStates] = OrderedDict()
         self.computed_passages = self.computed_tokens = self.reused_passages = 0

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from retrieval_head.agent.capture import LayerCapture
+from retrieval_head.agent.history import template_prefix
 from retrieval_head.agent.passage_cache import PASSAGE_FORMAT, PassageCache
 from retrieval_head.agent.results import Hit, TurnCache
 from retrieval_head.agent.retriever import NativeRetriever, head_in_eval
@@ -195,8 +196,7 @@ class SearchFirstAgent:
         None when there is none or the cache's layers are not plain keys and values (copied and cropped safely)."""
         from transformers.cache_utils import DynamicLayer
 
-        text, start, _ = self.model.renderer.render_text([{"role": "user", "content": "x"}])
-        ids = self.tokenizer(text[:start], add_special_tokens=False)["input_ids"]
+        text, ids = template_prefix(self.model)
         if not ids:
             return None
         input_ids = torch.tensor([ids], device=self.model.device)
@@ -205,7 +205,7 @@ class SearchFirstAgent:
         past = output_cache(out)
         if past is None or not all(type(layer) is DynamicLayer for layer in getattr(past, "layers", [None])):
             return None
-        return TurnCache(ids, past, text=text[:start])
+        return TurnCache(ids, past, text=text)
 
     def _first_turn_cache(self) -> TurnCache | None:
         """A copy of the template prefix's cache (computed again if the model moved to another device or dtype)."""
